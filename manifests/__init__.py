@@ -1,0 +1,1 @@
+"""Manifest, label and corpus creation scripts."""
