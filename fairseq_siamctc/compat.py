@@ -1,5 +1,194 @@
-"""Compatibility fixes for fairseq 0.12 on Python 3.11 and current PyTorch (filled in by the foundation work)."""
+"""Fixes that let fairseq 0.12 run on Python 3.11, NumPy 2, torchaudio 2.11 and PyTorch >= 2.6.
+
+Everything here patches fairseq objects at import time (``apply()``, called when the plugin is
+imported); no file in site-packages is edited. Each fix names the failure it removes and has a
+test in ``tests/test_compat.py`` that fails without it.
+"""
+
+import argparse
+import dataclasses
+import logging
+import random
+import types
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+_applied = False
 
 
 def apply() -> None:
-    pass
+    """Applies every fix once; safe to call again."""
+    global _applied
+    if _applied:
+        return
+    _allow_fairseq_checkpoint_classes()
+    _add_autoregressive_to_hubert_ctc_config()
+    _numpy2_mask_sampling()
+    _convert_waveform_without_sox()
+    _cpu_distributed_training()
+    _applied = True
+
+
+# Fix 1. PyTorch >= 2.6 loads with weights_only=True, which refuses every fairseq checkpoint:
+# "WeightsUnpickler error: Unsupported global: GLOBAL fairseq.data.dictionary.Dictionary".
+# Allow exactly the plain-data classes that real checkpoints hold; weights_only stays on, so a
+# checkpoint whose pickle would call anything else is still refused.
+def fairseq_checkpoint_safe_globals() -> list:
+    from fairseq.data.dictionary import Dictionary
+
+    return [
+        Dictionary,  # task_state["dictionaries"] of HuBERT and every fine-tuned model
+        argparse.Namespace,  # state["args"] of checkpoints written before fairseq's hydra port
+    ]
+
+
+def _allow_fairseq_checkpoint_classes() -> None:
+    torch.serialization.add_safe_globals(fairseq_checkpoint_safe_globals())
+
+
+# Fix 2. HubertEncoder reads ``cfg.autoregressive``, a field that HubertCtcConfig lacks:
+# "ConfigAttributeError: Key 'autoregressive' not in 'HubertCtcConfig'". Declare it (False: CTC).
+def _add_autoregressive_to_hubert_ctc_config() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from fairseq.models import MODEL_DATACLASS_REGISTRY
+    from fairseq.models.hubert import hubert_asr
+
+    if "autoregressive" in hubert_asr.HubertCtcConfig.__dataclass_fields__:
+        return
+    config_cls = dataclasses.make_dataclass(
+        "HubertCtcConfig",
+        [
+            (
+                "autoregressive",
+                bool,
+                dataclasses.field(
+                    default=False,
+                    metadata={"help": "read by HubertEncoder; always False for CTC"},
+                ),
+            )
+        ],
+        bases=(hubert_asr.HubertCtcConfig,),
+    )
+    config_cls.__module__ = hubert_asr.__name__
+    hubert_asr.HubertCtcConfig = config_cls
+    MODEL_DATACLASS_REGISTRY["hubert_ctc"] = config_cls
+    setattr(hubert_asr.HubertCtc, "__dataclass", config_cls)
+    node = config_cls()
+    node._name = "hubert_ctc"
+    ConfigStore.instance().store(name="hubert_ctc", group="model", node=node, provider="fairseq")
+
+
+# Fix 3. fairseq's span masking uses ``np.int`` (removed in NumPy 1.24) with
+# ``no_mask_overlap=True`` and ``Generator.randint`` (never existed; it is ``integers``) with
+# ``mask_selection=uniform``. Give fairseq.data.data_utils a NumPy view with both names, leaving
+# NumPy itself untouched.
+class _MaskingGenerator:
+    """numpy.random.Generator with the legacy ``randint`` name fairseq calls."""
+
+    def __init__(self, generator: np.random.Generator):
+        self._generator = generator
+
+    def randint(self, low, high=None, size=None):
+        return self._generator.integers(low, high, size=size)
+
+    def __getattr__(self, name):
+        return getattr(self._generator, name)
+
+
+def _numpy_for_fairseq_masking() -> types.ModuleType:
+    random_view = types.ModuleType("numpy.random")
+    random_view.__dict__.update(np.random.__dict__)
+    random_view.default_rng = lambda seed=None: _MaskingGenerator(np.random.default_rng(seed))
+    numpy_view = types.ModuleType("numpy")
+    numpy_view.__dict__.update(np.__dict__)
+    numpy_view.int = int
+    numpy_view.random = random_view
+    return numpy_view
+
+
+def _numpy2_mask_sampling() -> None:
+    from fairseq.data import data_utils
+
+    if not hasattr(data_utils.np, "int"):
+        data_utils.np = _numpy_for_fairseq_masking()
+
+
+# Fix 4. ``fairseq.data.audio.audio_utils.convert_waveform`` imports ``torchaudio.sox_effects``,
+# which torchaudio 2.9 removed, so reading any audio through fairseq's speech-to-text path
+# fails. The same conversions (peak normalisation, down-mix, resampling) with torchaudio.functional.
+def convert_waveform(waveform, sample_rate, normalize_volume=False, to_mono=False, to_sample_rate=None):
+    """Drop-in replacement for fairseq's ``convert_waveform`` (channels x length in and out)."""
+    import torchaudio.functional as F
+
+    is_numpy = isinstance(waveform, np.ndarray)
+    converted = torch.from_numpy(waveform) if is_numpy else waveform
+    if normalize_volume:
+        # sox's "gain -n": peak at 0 dBFS
+        peak = converted.abs().max()
+        if peak > 0:
+            converted = converted / peak
+    if to_mono and converted.shape[0] > 1:
+        converted = converted.mean(dim=0, keepdim=True)
+    if to_sample_rate is not None and to_sample_rate != sample_rate:
+        converted = F.resample(converted, sample_rate, to_sample_rate)
+        sample_rate = to_sample_rate
+    return (converted.numpy() if is_numpy else converted), sample_rate
+
+
+def _convert_waveform_without_sox() -> None:
+    from fairseq.data.audio import audio_utils
+
+    audio_utils.convert_waveform = convert_waveform
+
+
+# Fix 5. Several training processes on CPU (gloo) fail, because fairseq sizes its process pool
+# by ``torch.cuda.device_count()``: "world size is 2 but have 0 available devices", then
+# ``torch.cuda.ByteTensor`` in ``all_gather_list``. Without CUDA, spawn one process per rank on
+# this host and gather with ``all_gather_object``; with CUDA nothing changes.
+def _cpu_distributed_training() -> None:
+    from fairseq.distributed import utils as distributed_utils
+
+    if getattr(distributed_utils.call_main, "_siamctc_cpu", False):
+        return
+    gpu_call_main = distributed_utils.call_main
+    gpu_all_gather_list = distributed_utils.all_gather_list
+
+    def call_main(cfg, main, **kwargs):
+        dt = cfg.distributed_training
+        if (
+            torch.cuda.is_available()
+            or cfg.common.tpu
+            or dt.distributed_world_size <= 1
+            or dt.distributed_init_method is not None
+            or dt.distributed_no_spawn
+        ):
+            return gpu_call_main(cfg, main, **kwargs)
+        port = dt.distributed_port if dt.distributed_port > 0 else random.randint(10000, 60000)
+        dt.distributed_init_method = f"tcp://localhost:{port}"
+        kwargs["start_rank"] = dt.distributed_rank
+        dt.distributed_rank = None  # each spawned process takes start_rank + its index
+        torch.multiprocessing.spawn(
+            fn=distributed_utils.distributed_main,
+            args=(main, cfg, kwargs),
+            nprocs=dt.distributed_world_size,
+            join=True,
+        )
+
+    def all_gather_list(data, group=None, max_size=16384):
+        if torch.cuda.is_available():
+            return gpu_all_gather_list(data, group=group, max_size=max_size)
+        from fairseq import utils
+
+        if group is None:
+            group = distributed_utils.get_global_group()
+        gathered = [None] * distributed_utils.get_world_size(group=group)
+        torch.distributed.all_gather_object(gathered, utils.move_to_cpu(data), group=group)
+        return gathered
+
+    call_main._siamctc_cpu = True
+    distributed_utils.call_main = call_main
+    distributed_utils.all_gather_list = all_gather_list
