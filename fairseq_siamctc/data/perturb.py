@@ -80,4 +80,6 @@ def perturb(
     out = _resample(wav, sample_rate, resample_ratio) if resample_ratio != 1 else wav
     if needs_stretch and len(out) > 0:
         out = _time_stretch(out, sample_rate, out_len)
+    if out is wav:
+        out = wav.copy()  # never hand back the caller's buffer
     return _fit_length(out, out_len)
