@@ -1,0 +1,86 @@
+"""Shared fixtures: generated audio corpora and a runner for fairseq's command-line tools."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import fairseq
+import fairseq_siamctc
+
+PLUGIN_DIR = pathlib.Path(fairseq_siamctc.__file__).parent
+FAIRSEQ_DIR = pathlib.Path(fairseq.__file__).parent
+SAMPLE_RATE = 16000
+
+# A HuBERT small enough for CPU tests: 2 layers, 64 dims, 32-channel CNN (same 320x downsampling).
+TINY_HUBERT_OVERRIDES = [
+    "++model.encoder_layers=2",
+    "++model.encoder_embed_dim=64",
+    "++model.encoder_ffn_embed_dim=128",
+    "++model.encoder_attention_heads=2",
+    "++model.final_dim=16",
+    "++model.conv_pos=16",
+    "++model.conv_pos_groups=4",
+    "model.conv_feature_layers='[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2'",
+]
+
+# CPU, one process, no fp16, tiny batches, validation sets never emptied by batch rounding.
+CPU_OVERRIDES = [
+    "common.fp16=false",
+    "common.log_interval=1",
+    "common.tensorboard_logdir=null",
+    "distributed_training.distributed_world_size=1",
+    "distributed_training.nprocs_per_node=1",
+    "dataset.num_workers=0",
+    "dataset.required_batch_size_multiple=1",
+]
+
+
+def write_audio_corpus(root, splits=(("train", 6), ("valid", 2)), seconds=(1.5, 2.5), seed=0,
+                       letters="ABCD", num_units=10):
+    """Writes harmonic tones with noise and, per split, `.tsv` manifest, `.km` units at 50 Hz,
+    `.ltr` letters, plus `dict.km.txt` and `dict.ltr.txt`. Returns the root as a Path."""
+    root = pathlib.Path(root)
+    (root / "wav").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, count in splits:
+        manifest, units, letter_lines = [str(root / "wav")], [], []
+        for i in range(count):
+            num_samples = int(SAMPLE_RATE * rng.uniform(*seconds))
+            t = np.arange(num_samples) / SAMPLE_RATE
+            f0 = rng.uniform(100, 250)
+            wav = sum(0.2 / k * np.sin(2 * np.pi * k * f0 * t) for k in (1, 2, 3))
+            wav = (wav + 0.02 * rng.standard_normal(num_samples)).astype(np.float32)
+            name = f"{split}{i}.wav"
+            sf.write(root / "wav" / name, wav, SAMPLE_RATE)
+            manifest.append(f"{name}\t{num_samples}")
+            units.append(" ".join(map(str, rng.integers(0, num_units, num_samples // 320))))
+            words = ["".join(rng.choice(list(letters), 2)) for _ in range(3)]
+            letter_lines.append(" | ".join(" ".join(w) for w in words) + " |")
+        (root / f"{split}.tsv").write_text("\n".join(manifest) + "\n")
+        (root / f"{split}.km").write_text("\n".join(units) + "\n")
+        (root / f"{split}.ltr").write_text("\n".join(letter_lines) + "\n")
+    (root / "dict.km.txt").write_text("".join(f"{i} 1\n" for i in range(num_units)))
+    (root / "dict.ltr.txt").write_text("".join(f"{c} 1\n" for c in "|" + letters))
+    return root
+
+
+@pytest.fixture(scope="session")
+def audio_corpus(tmp_path_factory):
+    return write_audio_corpus(tmp_path_factory.mktemp("audio_corpus"))
+
+
+def run_fairseq(tool, args, cwd, timeout=600):
+    """Runs a fairseq console script (e.g. ``fairseq-hydra-train``) of this interpreter's
+    environment and returns the completed process; fails the test with its output on error."""
+    exe = pathlib.Path(sys.executable).parent / tool
+    env = dict(os.environ, OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([str(exe), *map(str, args)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"{tool} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
+    return proc

@@ -1,0 +1,112 @@
+"""Each fix of fairseq_siamctc.compat, shown through the fairseq code path it repairs."""
+
+import argparse
+import pickle
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import fairseq_siamctc  # noqa: F401  (applies the fixes)
+from conftest import CPU_OVERRIDES, FAIRSEQ_DIR, PLUGIN_DIR, TINY_HUBERT_OVERRIDES, run_fairseq
+from fairseq import checkpoint_utils
+from fairseq.data import data_utils
+from fairseq.data.audio import audio_utils
+from fairseq.data.dictionary import Dictionary
+
+
+def test_checkpoint_with_dictionary_loads_through_fairseq(tmp_path):
+    dictionary = Dictionary()
+    dictionary.add_symbol("A")
+    path = tmp_path / "checkpoint.pt"
+    torch.save({
+        "args": None,
+        "cfg": {"model": {"_name": "hubert"}, "task": {"_name": "hubert_pretraining"}},
+        "model": {"w": torch.ones(2)},
+        "task_state": {"dictionaries": [dictionary]},
+        "optimizer_history": [{"criterion_name": "HubertCriterion", "optimizer_name": "Adam",
+                               "lr_scheduler_state": {"best": None}, "num_updates": 2}],
+        "extra_state": {},
+    }, path)
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
+    assert state["task_state"]["dictionaries"][0].index("A") == 4
+    assert torch.equal(state["model"]["w"], torch.ones(2))
+
+
+def test_old_checkpoint_with_namespace_args_loads(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"args": argparse.Namespace(arch="hubert", encoder_layers=2), "model": {}}, path)
+    assert torch.load(path)["args"].encoder_layers == 2  # weights_only=True, fairseq's default path
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling calls ``pathlib.Path.touch`` on a marker: any call would do as harm."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_checkpoint_whose_pickle_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "malicious.pt"
+    torch.save({"model": {}, "payload": _RunsCodeWhenUnpickled(marker)}, path)
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported global"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(path))
+    assert not marker.exists()
+
+
+def test_hubert_ctc_config_declares_autoregressive():
+    from fairseq.models import MODEL_DATACLASS_REGISTRY
+
+    assert MODEL_DATACLASS_REGISTRY["hubert_ctc"]().autoregressive is False
+
+
+@pytest.mark.parametrize("mask_type", ["static", "uniform"])
+def test_span_masking_without_overlap(mask_type):
+    mask = data_utils.compute_mask_indices(
+        (3, 200), None, mask_prob=0.4, mask_length=5, mask_type=mask_type, mask_other=2,
+        no_overlap=True, min_space=1, seed=1, epoch=1, indices=torch.arange(3),
+    )
+    assert mask.shape == (3, 200) and mask.dtype == bool
+    assert 0.1 < mask.mean() < 0.6
+    for row in mask:
+        runs = [len(m.group()) for m in re.finditer("1+", "".join(map(str, row.astype(int))))]
+        # min_space=1 keeps at least one unmasked frame between spans: no run exceeds a span
+        assert max(runs) <= (5 if mask_type == "static" else 10)
+
+
+def test_convert_waveform_resamples_downmixes_and_normalises():
+    sr, seconds, freq = 44100, 0.5, 440.0
+    t = np.arange(int(sr * seconds)) / sr
+    stereo = np.stack([0.25 * np.sin(2 * np.pi * freq * t)] * 2).astype(np.float32)
+    out, out_sr = audio_utils.convert_waveform(stereo, sr, normalize_volume=True, to_mono=True,
+                                               to_sample_rate=16000)
+    assert out_sr == 16000 and out.shape == (1, 8000) and isinstance(out, np.ndarray)
+    assert abs(np.abs(out).max() - 1.0) < 0.02
+    spectrum = np.abs(np.fft.rfft(out[0]))
+    assert abs(np.argmax(spectrum) * 16000 / out.shape[1] - freq) <= 2.0
+
+
+def test_two_process_cpu_training(audio_corpus, tmp_path):
+    """Stock HuBERT pretraining with world size 2 over gloo: two ranks, one checkpoint."""
+    proc = run_fairseq("fairseq-hydra-train", [
+        "--config-dir", FAIRSEQ_DIR / "examples/hubert/config/pretrain",
+        "--config-name", "hubert_base_librispeech",
+        f"task.data={audio_corpus}", f"task.label_dir={audio_corpus}", "task.labels=[km]",
+        "model.label_rate=50", f"hydra.run.dir={tmp_path}", "task.min_sample_size=8000",
+        "dataset.max_tokens=100000", "optimization.max_update=2", f"common.user_dir={PLUGIN_DIR}",
+        *CPU_OVERRIDES, *TINY_HUBERT_OVERRIDES,
+        "distributed_training.distributed_world_size=2", "distributed_training.distributed_port=-1",
+        "distributed_training.distributed_backend=gloo",
+        "distributed_training.ddp_backend=legacy_ddp",
+    ], cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert "as rank 0" in log and "as rank 1" in log
+    assert '"num_updates": "2"' in log
+    assert (tmp_path / "checkpoints" / "checkpoint_last.pt").exists()
