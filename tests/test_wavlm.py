@@ -337,7 +337,7 @@ def test_loading_bad_files_gives_clear_errors(tmp_path):
 
     other = tmp_path / "other.pt"
     torch.save({"args": None, "model": {"w": torch.zeros(1)}}, other)
-    with pytest.raises(ValueError, match=r"other.pt: not a WavLM checkpoint.*\['args', 'model'\]"):
+    with pytest.raises(ValueError, match=r"other.pt: not a WavLM checkpoint.*keys \['args', 'model'\]"):
         load_wavlm_checkpoint(str(other))
 
     state = model.state_dict()

@@ -530,29 +530,41 @@ def is_wavlm_state(state) -> bool:
     )
 
 
-def build_wavlm_from_state(state, source: str) -> Tuple[WavLM, Dict]:
-    """A loaded WavLM checkpoint object -> (model with its weights, strict; the checkpoint's cfg dict)."""
+def _not_wavlm_error(state, source: str) -> ValueError:
+    found = f"keys {sorted(map(str, state))}" if isinstance(state, dict) else f"a {type(state).__name__}"
+    return ValueError(
+        f"{source}: not a WavLM checkpoint (expected a dict with a 'cfg' dict and a 'model' state dict "
+        f"of a transformer encoder); found {found}"
+    )
+
+
+def build_wavlm_from_state(
+    state, source: str, overrides: Optional[Dict] = None, load_weights: bool = True
+) -> Tuple[WavLM, Dict]:
+    """A loaded WavLM checkpoint object -> (model, the checkpoint's cfg dict with ``overrides`` applied).
+
+    ``overrides`` replace cfg fields that do not change the parameters (dropouts, masking, layer
+    drop, feature_grad_mult); the weights are loaded strictly unless ``load_weights`` is False.
+    """
     if not is_wavlm_state(state):
-        found = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(
-            f"{source}: not a WavLM checkpoint (expected a dict with a 'cfg' dict and a 'model' state dict "
-            f"of a transformer encoder); found {found}"
-        )
-    model = WavLM(WavLMConfig.from_dict(state["cfg"], source=source))
-    try:
-        missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise ValueError(f"{source}: WavLM weights do not match its cfg: {error}") from error
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: WavLM weights do not match its cfg: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    return model, dict(state["cfg"])
+        raise _not_wavlm_error(state, source)
+    cfg = {**state["cfg"], **(overrides or {})}
+    model = WavLM(WavLMConfig.from_dict(cfg, source=source))
+    if load_weights:
+        try:
+            missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        except RuntimeError as error:  # shape mismatches
+            raise ValueError(f"{source}: WavLM weights do not match its cfg: {error}") from error
+        if missing or unexpected:
+            raise ValueError(
+                f"{source}: WavLM weights do not match its cfg: missing {missing[:5]}"
+                f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+    return model, cfg
 
 
-def load_wavlm_checkpoint(path: str) -> Tuple[WavLM, Dict]:
-    """Loads a converted WavLM checkpoint file (e.g. ``wavlm_base.pt``) -> (model, cfg dict)."""
+def read_wavlm_checkpoint(path: str) -> Dict:
+    """Reads a converted WavLM checkpoint file (``{"cfg": dict, "model": state_dict}``), validated."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"WavLM checkpoint not found: {path}")
     try:
@@ -562,4 +574,11 @@ def load_wavlm_checkpoint(path: str) -> Tuple[WavLM, Dict]:
             f"{path}: cannot be read as a WavLM checkpoint (truncated or not a plain torch.save of "
             f"{{'cfg': dict, 'model': state_dict}}): {error}"
         ) from error
-    return build_wavlm_from_state(state, source=path)
+    if not is_wavlm_state(state):
+        raise _not_wavlm_error(state, path)
+    return state
+
+
+def load_wavlm_checkpoint(path: str, overrides: Optional[Dict] = None) -> Tuple[WavLM, Dict]:
+    """Loads a converted WavLM checkpoint file (e.g. ``wavlm_base.pt``) -> (model, cfg dict)."""
+    return build_wavlm_from_state(read_wavlm_checkpoint(path), source=path, overrides=overrides)
