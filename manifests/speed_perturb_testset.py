@@ -1,0 +1,121 @@
+"""Speed-perturbed copies of a test set (audio, manifest and labels), for error rate against speaking rate.
+
+Usage::
+
+    siamctc-speed-testsets MANIFEST_DIR/test_clean.tsv --audio-out AUDIO_DIR
+                           [--speeds 0.8 0.9 1.1 1.2] [--out-dir MANIFEST_DIR] [--labels wrd ltr phn]
+    # equivalently: python -m manifests.speed_perturb_testset ...
+
+For every speed factor ``s`` and manifest ``{split}.tsv`` this writes
+
+* ``AUDIO_DIR/{split}_sp{s}/<same relative path>.flac``: each file played ``s`` times faster by
+  resampling (the perturbation of the SiamCTC views, ``fairseq_siamctc.data.perturb`` in mode
+  ``speed``: duration and pitch change together, as in the paper's figure 2), 16-bit FLAC at the
+  original sample rate, ``round(N / s)`` samples long;
+* ``{out-dir}/{split}_sp{s}.tsv``: its manifest (root ``AUDIO_DIR/{split}_sp{s}``);
+* ``{out-dir}/{split}_sp{s}.{label}``: a copy of each label file ``{split}.{label}`` found next to the
+  manifest (``--labels``, default: whichever of wrd, ltr, phn, spm exist): speed does not change
+  the transcript.
+
+Speed 1.0 is the original set and is not copied. Samples pushed past full scale by the resampler's
+ringing are clipped to [-1, 1] before 16-bit quantisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from manifests.make_manifest import ManifestError, read_tsv, write_tsv
+
+DEFAULT_SPEEDS = (0.8, 0.9, 1.1, 1.2)
+DEFAULT_LABELS = ("wrd", "ltr", "phn", "spm")
+
+
+def speed_split_name(split: str, speed: float) -> str:
+    """``test``, 0.8 -> ``test_sp0.8``."""
+    return f"{split}_sp{speed:g}"
+
+
+def speed_perturb_file(source: Path, target: Path, speed: float) -> int:
+    """Writes ``source`` played ``speed`` times faster to ``target`` (FLAC); returns its length."""
+    from fairseq_siamctc.data.perturb import perturb  # imports fairseq: only when audio is made
+
+    wav, sample_rate = sf.read(str(source), dtype="float32", always_2d=False)
+    if wav.ndim != 1:
+        raise ManifestError(f"{source}: {wav.shape[1]} channels; speed perturbation expects mono audio")
+    out = np.clip(perturb(wav, sample_rate, speed=speed, mode="speed"), -1.0, 1.0)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(target), out, sample_rate, subtype="PCM_16", format="FLAC")
+    return len(out)
+
+
+def speed_perturb_testset(
+    tsv: Path,
+    audio_out: Path,
+    speeds: tuple[float, ...] = DEFAULT_SPEEDS,
+    out_dir: Path | None = None,
+    labels: tuple[str, ...] | None = None,
+) -> dict[str, int]:
+    """Writes the perturbed copies of the set ``tsv``; returns {new split: number of files}."""
+    tsv = Path(tsv)
+    split = tsv.name.removesuffix(".tsv")
+    out_dir = Path(out_dir) if out_dir is not None else tsv.parent
+    root, entries = read_tsv(tsv)
+    if not entries:
+        raise ManifestError(f"{tsv}: manifest lists no audio")
+    bad_speeds = [s for s in speeds if not s > 0]
+    if bad_speeds:
+        raise ManifestError(f"speed factors must be positive, got {bad_speeds}")
+    if labels is None:
+        labels = tuple(ext for ext in DEFAULT_LABELS if (tsv.parent / f"{split}.{ext}").is_file())
+    for ext in labels:
+        label_file = tsv.parent / f"{split}.{ext}"
+        if not label_file.is_file():
+            raise ManifestError(f"{label_file}: label file not found")
+        if len(label_file.read_text().splitlines()) != len(entries):
+            raise ManifestError(f"{label_file}: line count differs from {len(entries)} entries of {tsv}")
+
+    written = {}
+    for speed in (s for s in speeds if s != 1.0):
+        name = speed_split_name(split, speed)
+        speed_root = Path(audio_out) / name
+        rows = []
+        for rel, _ in entries:
+            rel_flac = Path(rel).with_suffix(".flac").as_posix()
+            rows.append((rel_flac, speed_perturb_file(root / rel, speed_root / rel_flac, speed)))
+        write_tsv(out_dir / f"{name}.tsv", speed_root, rows)
+        for ext in labels:
+            shutil.copyfile(tsv.parent / f"{split}.{ext}", out_dir / f"{name}.{ext}")
+        written[name] = len(rows)
+    return written
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("manifest", type=Path, help="{split}.tsv of the test set")
+    parser.add_argument("--audio-out", type=Path, required=True, help="folder for the perturbed audio")
+    parser.add_argument("--speeds", type=float, nargs="+", default=list(DEFAULT_SPEEDS), help="speed factors")
+    parser.add_argument("--out-dir", type=Path, help="folder for manifests and labels (default: the manifest's)")
+    parser.add_argument("--labels", nargs="*", help="label extensions to copy (default: those found)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        written = speed_perturb_testset(args.manifest, args.audio_out, tuple(args.speeds), args.out_dir,
+                                        tuple(args.labels) if args.labels is not None else None)
+    except ManifestError as err:
+        sys.exit(f"siamctc-speed-testsets: error: {err}")
+    for name, count in written.items():
+        print(f"{name}: {count} files")
+
+
+if __name__ == "__main__":
+    main()
