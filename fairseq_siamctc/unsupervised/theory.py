@@ -164,6 +164,11 @@ def refined_bound(
     return (label_marginals @ per_label).sum()
 
 
+def position_marginals_rows(conditionals: torch.Tensor, num_obs: int, length: int) -> torch.Tensor:
+    """:func:`position_marginals` for each row of (R, X**N): returns (R, N, X)."""
+    return torch.stack([position_marginals(row, num_obs, length) for row in conditionals])
+
+
 def check_local_emissions(conditional: torch.Tensor, num_labels: int, num_obs: int, length: int, atol: float = 1e-9) -> torch.Tensor:
     """Checks condition 1 on a full conditional table and returns the emission matrix it factorises into.
 
@@ -190,11 +195,6 @@ def check_local_emissions(conditional: torch.Tensor, num_labels: int, num_obs: i
             f"largest deviation {deviation.max().item():.3g} at c={labels}, x={observations}"
         )
     return emission
-
-
-def position_marginals_rows(conditionals: torch.Tensor, num_obs: int, length: int) -> torch.Tensor:
-    """:func:`position_marginals` for each row of (R, X**N): returns (R, N, X)."""
-    return torch.stack([position_marginals(row, num_obs, length) for row in conditionals])
 
 
 def check_identifiability(label_marginals: torch.Tensor, rtol: float = 1e-10) -> torch.Tensor:
