@@ -84,3 +84,34 @@ def run_fairseq(tool, args, cwd, timeout=600):
     if proc.returncode != 0:
         pytest.fail(f"{tool} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def hubert_pretrain_args(corpus, run_dir, *extra):
+    """fairseq's stock HuBERT pretraining recipe, shrunk to the tiny model, for 2 updates."""
+    return [
+        "--config-dir", FAIRSEQ_DIR / "examples/hubert/config/pretrain",
+        "--config-name", "hubert_base_librispeech",
+        f"task.data={corpus}", f"task.label_dir={corpus}", "task.labels=[km]",
+        "model.label_rate=50", "task.min_sample_size=8000", f"hydra.run.dir={run_dir}",
+        f"common.user_dir={PLUGIN_DIR}", "dataset.max_tokens=100000", "optimization.max_update=2",
+        *CPU_OVERRIDES, *TINY_HUBERT_OVERRIDES, *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def stock_hubert_runs(audio_corpus, tmp_path_factory):
+    """Stock HuBERT pretraining, then stock hubert_ctc fine-tuning (letters) from its checkpoint.
+
+    Returns (pretrained checkpoint, fine-tuned checkpoint, fine-tuning log)."""
+    work = tmp_path_factory.mktemp("stock_hubert")
+    run_fairseq("fairseq-hydra-train", hubert_pretrain_args(audio_corpus, work / "pretrain"), cwd=work)
+    pretrained = work / "pretrain" / "checkpoints" / "checkpoint_last.pt"
+    proc = run_fairseq("fairseq-hydra-train", [
+        "--config-dir", FAIRSEQ_DIR / "examples/hubert/config/finetune", "--config-name", "base_10h",
+        f"task.data={audio_corpus}", f"task.label_dir={audio_corpus}", f"model.w2v_path={pretrained}",
+        f"hydra.run.dir={work / 'finetune'}", "model.freeze_finetune_updates=0",
+        "dataset.validate_after_updates=0", "model.mask_length=2", "model.mask_channel_length=4",
+        f"common.user_dir={PLUGIN_DIR}", "dataset.max_tokens=100000", "optimization.max_update=2",
+        *CPU_OVERRIDES,
+    ], cwd=work)
+    return pretrained, work / "finetune" / "checkpoints" / "checkpoint_last.pt", proc.stdout + proc.stderr

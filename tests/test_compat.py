@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fairseq_siamctc  # noqa: F401  (applies the fixes)
-from conftest import CPU_OVERRIDES, FAIRSEQ_DIR, PLUGIN_DIR, TINY_HUBERT_OVERRIDES, run_fairseq
+from conftest import hubert_pretrain_args, run_fairseq
 from fairseq import checkpoint_utils
 from fairseq.data import data_utils
 from fairseq.data.audio import audio_utils
@@ -95,17 +95,12 @@ def test_convert_waveform_resamples_downmixes_and_normalises():
 
 def test_two_process_cpu_training(audio_corpus, tmp_path):
     """Stock HuBERT pretraining with world size 2 over gloo: two ranks, one checkpoint."""
-    proc = run_fairseq("fairseq-hydra-train", [
-        "--config-dir", FAIRSEQ_DIR / "examples/hubert/config/pretrain",
-        "--config-name", "hubert_base_librispeech",
-        f"task.data={audio_corpus}", f"task.label_dir={audio_corpus}", "task.labels=[km]",
-        "model.label_rate=50", f"hydra.run.dir={tmp_path}", "task.min_sample_size=8000",
-        "dataset.max_tokens=100000", "optimization.max_update=2", f"common.user_dir={PLUGIN_DIR}",
-        *CPU_OVERRIDES, *TINY_HUBERT_OVERRIDES,
+    proc = run_fairseq("fairseq-hydra-train", hubert_pretrain_args(
+        audio_corpus, tmp_path,
         "distributed_training.distributed_world_size=2", "distributed_training.distributed_port=-1",
         "distributed_training.distributed_backend=gloo",
         "distributed_training.ddp_backend=legacy_ddp",
-    ], cwd=tmp_path)
+    ), cwd=tmp_path)
     log = proc.stdout + proc.stderr
     assert "as rank 0" in log and "as rank 1" in log
     assert '"num_updates": "2"' in log

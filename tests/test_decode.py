@@ -1,0 +1,89 @@
+"""Greedy CTC decoding and split-level scoring (siamctc-decode, siamctc-robustness)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from fairseq_siamctc.cli import robustness
+from fairseq_siamctc.cli.decode import CtcRecognizer, decode_split, error_rate
+
+
+def naive_edit_distance(a, b):
+    table = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            table[i][j] = min(table[i - 1][j] + 1, table[i][j - 1] + 1,
+                              table[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+    return table[-1][-1]
+
+
+def test_error_rate_sums_errors_over_the_split():
+    hyps = ["AH B K", "", "S IH T S"]
+    refs = ["AH B", "K AE T", "S IH T"]
+    expected = sum(naive_edit_distance(h.split(), r.split()) for h, r in zip(hyps, refs))
+    score = error_rate(hyps, refs)
+    assert score["errors"] == expected == 1 + 3 + 1
+    assert score["error_rate"] == pytest.approx(100 * expected / 8)  # not the mean of per-utterance rates
+    with pytest.raises(ValueError, match="2 hypotheses for 3"):
+        error_rate(hyps[:2], refs)
+
+
+def test_greedy_decoding_collapses_repeats_and_drops_blanks(stock_hubert_runs, audio_corpus):
+    recognizer = CtcRecognizer.load(str(stock_hubert_runs[1]))
+    wav, _ = sf.read(audio_corpus / "wav" / "valid0.wav", dtype="float32")
+    with torch.no_grad():
+        logits = recognizer.model(source=torch.from_numpy(wav)[None], padding_mask=None)["encoder_out"][:, 0]
+    expected, previous = [], None
+    for index in logits.argmax(-1).tolist():
+        if index != previous and index not in (recognizer.blank_index, recognizer.dictionary.pad(),
+                                               recognizer.dictionary.eos()):
+            expected.append(index)
+        previous = index
+    assert recognizer.decode(wav) == expected
+    assert recognizer.blank_index == recognizer.dictionary.bos()  # fairseq's ctc criterion's blank
+
+
+def test_decode_split_writes_aligned_hypotheses(stock_hubert_runs, audio_corpus, tmp_path):
+    recognizer = CtcRecognizer.load(str(stock_hubert_runs[1]))
+    score = decode_split(recognizer, str(audio_corpus), "valid", "ltr", str(tmp_path), "letter")
+    refs = (tmp_path / "valid.ref").read_text().splitlines()
+    hyps = (tmp_path / "valid.hyp").read_text().splitlines()
+    assert len(refs) == len(hyps) == 2
+    assert refs[0] == " ".join("".join(w.split()) for w in
+                               (audio_corpus / "valid.ltr").read_text().splitlines()[0].split("|")).strip()
+    assert score == {**error_rate(hyps, refs), "split": "valid", "labels": "ltr"}
+    assert json.loads((tmp_path / "valid.json").read_text())["error_rate"] == score["error_rate"]
+
+
+def test_label_file_that_does_not_match_the_manifest_is_an_error(stock_hubert_runs, audio_corpus, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(audio_corpus, data, ignore=shutil.ignore_patterns("wav"))
+    (data / "valid.ltr").write_text("A |\n")
+    recognizer = CtcRecognizer.load(str(stock_hubert_runs[1]))
+    with pytest.raises(ValueError, match=r"valid\.ltr has 1 lines but the manifest has 2"):
+        decode_split(recognizer, str(data), "valid", "ltr", str(tmp_path / "out"))
+
+
+def test_robustness_table_json_and_plot(stock_hubert_runs, audio_corpus, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(audio_corpus, data)
+    for factor in (0.8, 1.2):  # stand-ins for the speed copies: the same files under other names
+        for ext in ("tsv", "ltr"):
+            shutil.copy(data / f"valid.{ext}", data / f"valid_sp{factor}.{ext}")
+    out = tmp_path / "out"
+    robustness.main(["--model", f"a={stock_hubert_runs[1]}", "--model", f"b={stock_hubert_runs[1]}",
+                     "--data", str(data), "--test-set", "valid", "--labels", "ltr",
+                     "--factors", "0.8", "1.0", "1.2", "--out", str(out)])
+    result = json.loads((out / "robustness.json").read_text())
+    rates = result["error_rates"]
+    assert result["metric"] == "WER" and set(rates) == {"a", "b"}
+    assert list(rates["a"]) == ["0.8", "1.0", "1.2"]
+    # identical audio under three names, decoded by the same model: identical rates
+    assert len({*rates["a"].values(), *rates["b"].values()}) == 1
+    table = (out / "robustness.md").read_text().splitlines()
+    assert table[0] == "| WER (%) | 0.8x | 1.0x | 1.2x |" and len(table) == 4
+    assert (out / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
