@@ -347,3 +347,18 @@ def test_loading_bad_files_gives_clear_errors(tmp_path):
 
     with pytest.raises(ValueError, match="size mismatch|do not match"):
         build_wavlm_from_state({"cfg": tiny_cfg(encoder_ffn_embed_dim=64), "model": model.state_dict()}, "x.pt")
+
+
+def test_layer_results_and_output_layer_agree():
+    model = randomize(WavLM(tiny_cfg(encoder_layers=3)))
+    wave = torch.randn(1, 3000)
+    with torch.no_grad():
+        (last, layer_results), _ = model.extract_features(wave, ret_layer_results=True)
+        assert len(layer_results) == 4  # the transformer input, then each layer
+        torch.testing.assert_close(layer_results[-1], last)
+        for layer in (1, 2):
+            torch.testing.assert_close(model.extract_features(wave, output_layer=layer)[0], layer_results[layer])
+            (_, partial), _ = model.extract_features(wave, output_layer=layer, ret_layer_results=True)
+            assert len(partial) == layer + 1
+    with pytest.raises(ValueError, match="output_layer must be between 1 and 3"):
+        model.extract_features(wave, output_layer=4)

@@ -84,6 +84,10 @@ def test_forward_gives_time_major_logits_with_frame_padding(tmp_path):
     torch.testing.assert_close(out["encoder_out"][:24, 1], alone["encoder_out"][:, 0], atol=1e-5, rtol=1e-5)
     probs = model.get_normalized_probs(out, log_probs=False)
     torch.testing.assert_close(probs.sum(-1), torch.ones(49, 2))
+    torch.testing.assert_close(probs[:, 0], torch.softmax(out["encoder_out"][:, 0], -1))  # unpadded: untouched
+    torch.testing.assert_close(probs[:24, 1], torch.softmax(out["encoder_out"][:24, 1], -1))
+    assert (probs[24:, 1, 0] == 1).all() and (probs[24:, 1, 1:] == 0).all()  # padding: certain blank
+    assert torch.isfinite(out["encoder_out"]).all()  # the network output itself is left as it was
 
 
 def test_encoder_is_frozen_for_freeze_finetune_updates(tmp_path):

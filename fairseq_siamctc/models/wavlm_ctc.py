@@ -12,6 +12,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from fairseq import utils
 from fairseq.models import FairseqEncoder, register_model
 from fairseq.models.hubert.hubert_asr import HubertAsrConfig, HubertCtc
 from omegaconf import DictConfig, OmegaConf
@@ -108,8 +109,26 @@ def _plain(cfg) -> dict:
 
 @register_model("wavlm_ctc", dataclass=WavLMCtcConfig)
 class WavLMCtc(HubertCtc):
-    """HubertCtc's CTC head and output handling around a WavLM encoder."""
+    """HubertCtc around a WavLM encoder; padded frames are forced to blank in the outputs."""
 
     @classmethod
     def build_model(cls, cfg: WavLMCtcConfig, task):
         return cls(cfg, WavLMCtcEncoder(cfg, task))
+
+    def get_logits(self, net_output):
+        """(T, B, V) logits; padded frames get logit 0 for the blank (index 0) and -inf for the rest,
+        so that decoders reading whole batches see silence there (HubertCtc's version leaves them as is)."""
+        return blank_padded_frames(net_output["encoder_out"], net_output["padding_mask"])
+
+    def get_normalized_probs(self, net_output, log_probs):
+        logits = self.get_logits(net_output).float()
+        return utils.log_softmax(logits, dim=-1) if log_probs else utils.softmax(logits, dim=-1)
+
+
+def blank_padded_frames(logits: torch.Tensor, padding_mask) -> torch.Tensor:
+    """logits (T, B, V), padding_mask (B, T) or None -> logits with padded frames set to certain blank."""
+    if padding_mask is None:
+        return logits
+    blank_only = torch.full_like(logits[:1, :1], float("-inf"))
+    blank_only[..., 0] = 0.0
+    return torch.where(padding_mask.T.unsqueeze(-1), blank_only, logits)
