@@ -1,0 +1,195 @@
+"""Round trip: tiny base checkpoint -> siamctc training through fairseq-hydra-train -> siamctc-export ->
+reload with the base model's own loader -> fairseq's stock CTC fine-tuning; and siamctc-extract-features."""
+
+import pathlib
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from fairseq import checkpoint_utils
+from omegaconf import OmegaConf
+
+import fairseq_siamctc  # noqa: F401
+from conftest import CPU_OVERRIDES, run_fairseq, write_audio_corpus
+from fairseq_siamctc.cli import export, extract_features
+from fairseq_siamctc.models.checkpoints import CheckpointError, read_checkpoint
+from fairseq_siamctc.models.siamctc import SiamCTCModel
+from fairseq_siamctc.models.wavlm import WavLM, read_wavlm_checkpoint
+from tiny_checkpoints import tiny_hubert_checkpoint, tiny_wavlm_checkpoint
+
+torch.set_num_threads(1)
+
+STANDIN_USER_DIR = pathlib.Path(__file__).parent / "standin_user_dir"
+
+
+def write_config(path, cfg: dict) -> pathlib.Path:
+    path.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(cfg), path / "run.yaml")
+    return path
+
+
+def train_siamctc(corpus, base, run_dir, updates=3) -> pathlib.Path:
+    """A few SiamCTC updates on the tiny corpus; returns checkpoint_last.pt."""
+    config = write_config(run_dir / "config", {
+        "common": {"user_dir": str(STANDIN_USER_DIR), "seed": 1, "log_format": "json"},
+        "checkpoint": {"save_dir": str(run_dir / "checkpoints"), "no_epoch_checkpoints": True},
+        "task": {"_name": "siamctc", "data": str(corpus), "max_sample_size": 16000, "min_sample_size": 8000},
+        "dataset": {"batch_size": 3, "disable_validation": True},
+        "criterion": {"_name": "siamctc_standin"},
+        "optimization": {"max_update": updates, "lr": [1e-3], "clip_norm": 1.0},
+        "optimizer": {"_name": "adam", "weight_decay": 0.01},
+        "lr_scheduler": {"_name": "polynomial_decay", "warmup_updates": 1, "total_num_update": updates},
+        "model": {"_name": "siamctc", "encoder_path": str(base)},
+    })
+    proc = run_fairseq("fairseq-hydra-train", [
+        "--config-dir", config, "--config-name", "run", f"hydra.run.dir={run_dir}", *CPU_OVERRIDES,
+    ], cwd=run_dir)
+    assert f'"num_updates": "{updates}"' in proc.stdout + proc.stderr
+    return run_dir / "checkpoints" / "checkpoint_last.pt"
+
+
+def finetune_ctc(corpus, model_cfg: dict, run_dir):
+    """fairseq's stock CTC fine-tuning (audio_finetuning task, ctc criterion) for 2 updates."""
+    config = write_config(run_dir / "config", {
+        "common": {"user_dir": str(STANDIN_USER_DIR), "seed": 1, "log_format": "json"},
+        "checkpoint": {"save_dir": str(run_dir / "checkpoints"), "no_epoch_checkpoints": True},
+        "task": {"_name": "audio_finetuning", "data": str(corpus), "labels": "ltr", "normalize": False},
+        "dataset": {"max_tokens": 100000, "validate_after_updates": 0, "valid_subset": "valid"},
+        "criterion": {"_name": "ctc", "zero_infinity": True},
+        "optimization": {"max_update": 2, "lr": [1e-4], "sentence_avg": True},
+        "optimizer": {"_name": "adam"},
+        "lr_scheduler": {"_name": "fixed"},
+        "model": {"freeze_finetune_updates": 0, "mask_length": 2, "mask_channel_length": 4, **model_cfg},
+    })
+    proc = run_fairseq("fairseq-hydra-train", [
+        "--config-dir", config, "--config-name", "run", f"hydra.run.dir={run_dir}", *CPU_OVERRIDES,
+    ], cwd=run_dir)
+    assert '"num_updates": "2"' in proc.stdout + proc.stderr
+    return run_dir / "checkpoints" / "checkpoint_last.pt"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_audio_corpus(tmp_path_factory.mktemp("corpus"), splits=(("train", 6), ("valid", 2)))
+
+
+@pytest.fixture(scope="module")
+def hubert_run(tmp_path_factory, corpus):
+    root = tmp_path_factory.mktemp("hubert_run")
+    base = root / "hubert_base.pt"
+    tiny_hubert_checkpoint(base)
+    return base, train_siamctc(corpus, base, root / "siamctc")
+
+
+def changed(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return not torch.equal(a, b)
+
+
+def test_hubert_round_trip(hubert_run, corpus, tmp_path):
+    base, trained = hubert_run
+    assert read_checkpoint(trained).kind == "siamctc"
+    siamctc_state = torch.load(trained)["model"]
+    base_state = torch.load(base)["model"]
+    exported = tmp_path / "exported.pt"
+    assert export.main([str(trained), str(exported)]) == 0
+
+    # fairseq's own loader, as for hubert_base_ls960.pt
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(exported)])
+    hubert = models[0]
+    assert cfg.model._name == "hubert" and [len(d) for d in task.dictionaries] == [24]
+    state = hubert.state_dict()
+    assert state.keys() == base_state.keys()
+    for name, value in state.items():
+        assert torch.equal(value, siamctc_state["encoder." + name]), name
+    # trained: the transformer and final_proj (the projection); untouched: the frozen CNN, the label embeddings
+    assert changed(state["encoder.layers.1.fc1.weight"], base_state["encoder.layers.1.fc1.weight"])
+    assert changed(state["final_proj.weight"], base_state["final_proj.weight"])
+    for name in ("feature_extractor.conv_layers.0.0.weight", "feature_extractor.conv_layers.0.2.weight", "label_embs_concat"):
+        assert torch.equal(state[name], base_state[name]), name
+
+    finetune_ctc(corpus, {"_name": "hubert_ctc", "w2v_path": str(exported)}, tmp_path / "ctc")
+
+
+def test_wavlm_round_trip(corpus, tmp_path):
+    base = tmp_path / "wavlm_base.pt"
+    tiny_wavlm_checkpoint(base)
+    trained = train_siamctc(corpus, base, tmp_path / "siamctc")
+    exported = tmp_path / "wavlm_exported.pt"
+    assert export.main([str(trained), str(exported)]) == 0
+    raw = torch.load(exported)
+    assert set(raw) == {"cfg", "model"} and raw["cfg"] == torch.load(base)["cfg"]
+    reloaded = WavLM(raw["cfg"])
+    reloaded.load_state_dict(read_wavlm_checkpoint(str(exported))["model"], strict=True)
+    siamctc_state = torch.load(trained)["model"]
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, siamctc_state["encoder." + name]), name
+    assert changed(raw["model"]["encoder.layers.0.fc1.weight"], torch.load(base)["model"]["encoder.layers.0.fc1.weight"])
+
+    finetune_ctc(corpus, {"_name": "wavlm_ctc", "w2v_path": str(exported)}, tmp_path / "ctc")
+
+
+def test_export_refuses_other_checkpoints(hubert_run, tmp_path, capsys):
+    base, _ = hubert_run
+    assert export.main([str(base), str(tmp_path / "out.pt")]) == 1
+    assert "expected a SiamCTC training checkpoint, found a HuBERT checkpoint" in capsys.readouterr().err
+    assert export.main([str(tmp_path / "missing.pt"), str(tmp_path / "out.pt")]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert not (tmp_path / "out.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audio")
+    rng = np.random.default_rng(3)
+    sf.write(root / "utt_a.wav", rng.standard_normal(12_000).astype(np.float32) * 0.1, 16_000)
+    sf.write(root / "utt_b.wav", rng.standard_normal(20_000).astype(np.float32) * 0.1, 16_000)
+    (root / "list.tsv").write_text(f"{root}\nutt_b.wav\t20000\n")
+    return root
+
+
+def test_extract_features_equal_fairseq_hubert(hubert_run, audio_dir, tmp_path):
+    base, _ = hubert_run
+    out = tmp_path / "layer1"
+    assert extract_features.main(["--checkpoint", str(base), "--layer", "1", "--out", str(out),
+                                  str(audio_dir / "utt_a.wav"), str(audio_dir / "list.tsv")]) == 0
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(base)])
+    reference = models[0].eval()
+    for name in ("utt_a", "utt_b"):
+        features = np.load(out / f"{name}.npy")
+        wav, _ = sf.read(audio_dir / f"{name}.wav", dtype="float32")
+        with torch.no_grad():
+            ref, _ = reference.extract_features(torch.from_numpy(wav)[None], padding_mask=None, mask=False, output_layer=1)
+        assert features.dtype == np.float32 and features.shape == tuple(ref.shape[1:])
+        assert np.abs(features - ref[0].numpy()).max() <= 1e-5
+
+
+def test_extract_projected_features_of_a_siamctc_checkpoint(hubert_run, audio_dir, tmp_path):
+    _, trained = hubert_run
+    out = tmp_path / "projected"
+    assert extract_features.main(["--checkpoint", str(trained), "--projected", "--out", str(out),
+                                  str(audio_dir / "utt_a.wav")]) == 0
+    model = SiamCTCModel.from_checkpoint(read_checkpoint(trained)).eval()
+    wav, _ = sf.read(audio_dir / "utt_a.wav", dtype="float32")
+    with torch.no_grad():
+        ref, _ = model.features(torch.from_numpy(wav)[None])
+    features = np.load(out / "utt_a.npy")
+    assert features.shape == (ref.size(1), 256)
+    assert np.abs(features - ref[0].numpy()).max() <= 1e-5
+
+
+def test_extract_features_errors(hubert_run, audio_dir, tmp_path, capsys):
+    base, _ = hubert_run
+    args = ["--out", str(tmp_path / "x"), str(audio_dir / "utt_a.wav")]
+    assert extract_features.main(["--checkpoint", str(base), "--layer", "3", *args]) == 1
+    assert "--layer must be between 1 and 2" in capsys.readouterr().err
+    assert extract_features.main(["--checkpoint", str(tmp_path / "none.pt"), *args]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert extract_features.main(["--checkpoint", str(base), "--out", str(tmp_path / "x"), str(audio_dir / "nope.wav")]) == 1
+    assert "audio file not found: " in capsys.readouterr().err
+    (audio_dir / "sub").mkdir(exist_ok=True)
+    (audio_dir / "sub" / "utt_a.wav").write_bytes((audio_dir / "utt_a.wav").read_bytes())
+    assert extract_features.main(["--checkpoint", str(base), *args, str(audio_dir / "sub" / "utt_a.wav")]) == 1
+    assert "would both be written to utt_a.npy" in capsys.readouterr().err
+    with pytest.raises(CheckpointError):
+        read_checkpoint(audio_dir / "utt_a.wav")
