@@ -115,6 +115,7 @@ def test_stock_audio_finetuning_with_ctc_trains_and_reloads(audio_corpus, tmp_pa
     ], cwd=tmp_path)
     assert '"num_updates": "2"' in proc.stdout + proc.stderr
 
+    (tmp_path / "wavlm.pt").unlink()  # the fine-tuned checkpoint must reload on its own
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
         [str(run_dir / "checkpoints" / "checkpoint_last.pt")], arg_overrides={"data": str(audio_corpus)}
     )
