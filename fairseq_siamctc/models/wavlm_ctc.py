@@ -2,8 +2,9 @@
 
 The counterpart of fairseq's ``hubert_ctc`` for the converted WavLM checkpoints (``{"cfg", "model"}``):
 same configuration fields, same outputs, so that the ``audio_finetuning`` task with the ``ctc``
-criterion (e.g. fairseq's ``examples/wav2vec/config/finetuning/base_10h.yaml`` with
-``model._name=wavlm_ctc model.w2v_path=wavlm_base.pt``) trains it. ``w2v_path`` is read once; the
+criterion trains it, e.g. fairseq's ``examples/wav2vec/config/finetuning/base_10h.yaml`` with
+``model._name=wavlm_ctc model.w2v_path=wavlm_base.pt`` (fields that yaml does not list, such as
+``mask_length``, are set with hydra's ``++model.mask_length=...``). ``w2v_path`` is read once; the
 checkpoint's ``cfg`` is kept in ``model.w2v_args``, so that a fine-tuned checkpoint reloads
 without the pre-trained file.
 """
