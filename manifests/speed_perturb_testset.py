@@ -15,7 +15,9 @@ For every speed factor ``s`` and manifest ``{split}.tsv`` this writes
 * ``{out-dir}/{split}_sp{s}.tsv``: its manifest (root ``AUDIO_DIR/{split}_sp{s}``);
 * ``{out-dir}/{split}_sp{s}.{label}``: a copy of each label file ``{split}.{label}`` found next to the
   manifest (``--labels``, default: whichever of wrd, ltr, phn, spm exist): speed does not change
-  the transcript.
+  the transcript;
+* the ``*.trans.txt`` transcript files of the source folders, copied alongside the audio, so that
+  each copy is a complete LibriSpeech-layout tree of its own.
 
 Speed 1.0 is the original set and is not copied. Samples pushed past full scale by the resampler's
 ringing are clipped to [-1, 1] before 16-bit quantisation.
@@ -90,6 +92,9 @@ def speed_perturb_testset(
             rel_flac = Path(rel).with_suffix(".flac").as_posix()
             rows.append((rel_flac, speed_perturb_file(root / rel, speed_root / rel_flac, speed)))
         write_tsv(out_dir / f"{name}.tsv", speed_root, rows)
+        for folder in sorted({Path(rel).parent for rel, _ in entries}):
+            for trans in (root / folder).glob("*.trans.txt"):
+                shutil.copyfile(trans, speed_root / folder / trans.name)
         for ext in labels:
             shutil.copyfile(tsv.parent / f"{split}.{ext}", out_dir / f"{name}.{ext}")
         written[name] = len(rows)
