@@ -379,7 +379,9 @@ def siamctc_loss(
     with torch.set_grad_enabled(grad and alpha != 0):
         path_log_probs = log_probs.gather(2, path.clamp(min=0)[..., None]).squeeze(-1)
         kld_per_utt = -torch.where(on_path, path_log_probs, 0.0).sum(1) / input_lengths
-        kld = _masked_mean(kld_per_utt, aligned & on_path.any(1))
+        # lengths always admit a path, so a missing one means non-finite scores: report, do not hide
+        kld_per_utt = torch.where(on_path.any(1), kld_per_utt, float("inf"))
+        kld = _masked_mean(kld_per_utt, aligned)
 
     with torch.set_grad_enabled(grad and beta != 0):
         tince_args = dict(

@@ -1,0 +1,150 @@
+"""The ``siamctc`` criterion with a stand-in model that has the SiamCTC model's interface."""
+
+import dataclasses
+
+import pytest
+import torch
+from fairseq import metrics
+from fairseq.criterions import CRITERION_REGISTRY
+
+import fairseq_siamctc  # noqa: F401  (registers the criterion)
+from fairseq_siamctc.criterions.siamctc import SiamCTCCriterion, SiamCTCCriterionConfig
+from fairseq_siamctc.losses import siamctc_loss
+
+DIM = 8
+
+
+class StandInModel(torch.nn.Module):
+    """Frames in, z out: a linear 'encoder' shared by both views, and the heads phi and psi."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.encoder = torch.nn.Linear(3, DIM)
+        self.phi = torch.nn.Linear(DIM, DIM)
+        self.psi = torch.nn.Linear(DIM, DIM)
+        self.scale = scale
+
+    def forward(self, source, padding_mask, source_pert, padding_mask_pert):
+        return {
+            "z": self.encoder(source) * self.scale,
+            "z_pert": self.encoder(source_pert) * self.scale,
+            "z_padding_mask": padding_mask,
+            "z_pert_padding_mask": padding_mask_pert,
+        }
+
+
+def make_sample(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lengths, pert_lengths = torch.tensor([30, 22, 17]), torch.tensor([36, 18, 17])  # plain, swapped, equal
+    return {
+        "id": torch.tensor([4, 9, 1]),
+        "net_input": {
+            "source": torch.randn(3, 30, 3, generator=gen),
+            "padding_mask": torch.arange(30)[None, :] >= lengths[:, None],
+            "source_pert": torch.randn(3, 36, 3, generator=gen),
+            "padding_mask_pert": torch.arange(36)[None, :] >= pert_lengths[:, None],
+        },
+    }
+
+
+def make_criterion(**overrides):
+    cfg = dataclasses.replace(SiamCTCCriterionConfig(seed=1), **overrides)
+    return SiamCTCCriterion.build_criterion(cfg, task=None)
+
+
+def test_registered_with_the_paper_defaults():
+    assert CRITERION_REGISTRY["siamctc"] is SiamCTCCriterion
+    cfg = SiamCTCCriterionConfig()
+    paper = dict(
+        ctc_weight=1.0, alpha=1.0, beta=1.0, temperature=2.0, blank_logit=-1.0, similarity="cosine",
+        num_negatives=20, min_distance=5, tince_temperature=0.2,
+    )
+    assert {name: getattr(cfg, name) for name in paper} == paper
+    for f in dataclasses.fields(cfg):
+        if f.name != "_name":  # fairseq's own
+            assert f.metadata.get("help"), f.name
+
+
+def test_loss_is_the_objective_times_the_batch_and_logs_every_term():
+    model, sample = StandInModel(), make_sample()
+    criterion = make_criterion()
+    criterion.eval()
+    loss, sample_size, log = criterion(model, sample)
+    out = model(**sample["net_input"])
+    expected = siamctc_loss(
+        out["z"], out["z_pert"], out["z_padding_mask"], out["z_pert_padding_mask"], model.phi, model.psi,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert sample_size == 3
+    assert loss.item() == pytest.approx(3 * expected["loss"].item(), rel=1e-6)
+    for name in ("ctc", "kld", "tince", "blank_share", "slope_error", "path_offset", "swapped_share"):
+        assert log[name].item() == pytest.approx(3 * expected[name].item(), rel=1e-6, abs=1e-7), name
+    assert log["ntokens"].item() == 30 + 22 + 17 + 36 + 18 + 17
+    loss.backward()
+    assert model.encoder.weight.grad.abs().sum() > 0 and model.psi.weight.grad.abs().sum() > 0
+
+
+def test_terms_can_be_switched_off():
+    model, sample = StandInModel(), make_sample(1)
+    full = make_criterion()
+    full.eval()
+    _, _, log = full(model, sample)
+    for overrides, kept in (
+        (dict(alpha=0.0, beta=0.0), ("ctc",)),
+        (dict(beta=0.0), ("ctc", "kld")),
+        (dict(alpha=0.0), ("ctc", "tince")),
+        (dict(ctc_weight=0.0), ("kld", "tince")),
+    ):
+        criterion = make_criterion(**overrides)
+        criterion.eval()
+        model.zero_grad()
+        loss, _, partial = criterion(model, sample)
+        assert loss.item() == pytest.approx(sum(log[name].item() for name in kept), rel=1e-6), overrides
+        for name in ("ctc", "kld", "tince"):  # switched-off terms are still logged
+            assert partial[name].item() == pytest.approx(log[name].item(), rel=1e-6)
+        loss.backward()
+        assert (model.psi.weight.grad is not None and model.psi.weight.grad.abs().sum() > 0) == ("tince" in kept)
+    with pytest.raises(ValueError, match="all 0"):
+        make_criterion(ctc_weight=0.0, alpha=0.0, beta=0.0)
+
+
+def test_negatives_are_reproducible_from_the_fairseq_seed_and_fixed_in_validation():
+    model, sample = StandInModel(), make_sample(2)
+    criterion = make_criterion()
+    criterion.train()
+    losses = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)  # what fairseq's trainer does before each update
+        losses.append(criterion(model, sample)[2]["tince"].item())
+    assert losses[0] == losses[1] and losses[0] != losses[2]
+    criterion.eval()
+    torch.manual_seed(0)
+    first = criterion(model, sample)[2]["tince"].item()
+    torch.manual_seed(1)
+    assert criterion(model, sample)[2]["tince"].item() == first
+
+
+def test_reduce_metrics_averages_over_utterances():
+    model = StandInModel()
+    criterion = make_criterion()
+    criterion.eval()
+    logs = [criterion(model, make_sample(seed))[2] for seed in (3, 4)]
+    with metrics.aggregate() as agg:
+        SiamCTCCriterion.reduce_metrics(logs)
+    assert SiamCTCCriterion.logging_outputs_can_be_summed()
+    for name in ("loss", "ctc", "kld", "tince", "blank_share", "slope_error", "path_offset", "swapped_share"):
+        expected = (logs[0][name] + logs[1][name]).item() / 6
+        assert agg.get_smoothed_value(name) == pytest.approx(expected, abs=1e-4), name
+
+
+def test_non_finite_term_raises_naming_it():
+    model, sample = StandInModel(scale=float("nan")), make_sample()
+    with pytest.raises(FloatingPointError, match="ctc.*kld.*tince"):
+        make_criterion()(model, sample)
+    # a NaN only in a switched-off term does not stop training
+    model = StandInModel()
+    model.psi.weight.data.fill_(float("nan"))
+    loss, _, log = make_criterion(beta=0.0)(model, sample)
+    assert torch.isfinite(loss) and torch.isnan(log["tince"])
+    with pytest.raises(FloatingPointError, match="tince"):
+        make_criterion()(model, sample)
