@@ -191,5 +191,8 @@ def test_extract_features_errors(hubert_run, audio_dir, tmp_path, capsys):
     (audio_dir / "sub" / "utt_a.wav").write_bytes((audio_dir / "utt_a.wav").read_bytes())
     assert extract_features.main(["--checkpoint", str(base), *args, str(audio_dir / "sub" / "utt_a.wav")]) == 1
     assert "would both be written to utt_a.npy" in capsys.readouterr().err
-    with pytest.raises(CheckpointError):
+    sf.write(tmp_path / "click.wav", np.ones(300, dtype=np.float32), 16_000)
+    assert extract_features.main(["--checkpoint", str(base), "--out", str(tmp_path / "x"), str(tmp_path / "click.wav")]) == 1
+    assert "click.wav: 300 samples is shorter than one frame" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
         read_checkpoint(audio_dir / "utt_a.wav")

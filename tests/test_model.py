@@ -212,3 +212,14 @@ def test_wavlm_encoder(tmp_path):
         alone, _ = reference.extract_features(source[1:, :5_000], output_layer=None)
         assert torch.allclose(out["z"][1, : alone.size(1)], model.project(alone[0]), atol=1e-5)
     assert out["z_padding_mask"][1].sum() == out["z"].size(1) - alone.size(1)
+
+
+def test_task_normalisation_must_match_the_base_checkpoint(hubert_path):
+    class Task:
+        cfg = OmegaConf.create({"normalize": True})
+
+    cfg = OmegaConf.structured(SiamCTCModelConfig(encoder_path=str(hubert_path)))
+    with pytest.raises(ValueError, match="task.normalize=True but .* was trained without waveform normalisation"):
+        SiamCTCModel.build_model(cfg, Task())
+    Task.cfg.normalize = False
+    assert SiamCTCModel.build_model(cfg, Task()).normalize_audio is False

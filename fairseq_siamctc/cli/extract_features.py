@@ -24,7 +24,14 @@ import torch
 
 from fairseq_siamctc.data.paired_audio_dataset import normalize_waveform, read_manifest
 from fairseq_siamctc.models.checkpoints import SIAMCTC, CheckpointError, read_checkpoint
-from fairseq_siamctc.models.encoders import encoder_features, hubert_projection, load_encoder, normalizes_audio, num_layers
+from fairseq_siamctc.models.encoders import (
+    encoder_features,
+    frame_count,
+    hubert_projection,
+    load_encoder,
+    normalizes_audio,
+    num_layers,
+)
 from fairseq_siamctc.models.siamctc import SiamCTCModel, SiamCTCModelConfig
 
 SAMPLE_RATE = 16_000
@@ -73,6 +80,8 @@ class FeatureExtractor:
     def __call__(self, wav: np.ndarray) -> np.ndarray:
         if self.normalize:
             wav = normalize_waveform(wav)
+        if frame_count(self.encoder, len(wav)) < 1:
+            raise ValueError(f"{len(wav)} samples is shorter than one frame of the encoder")
         source = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)).to(self.device)[None]
         x, _ = encoder_features(self.encoder, source, None, output_layer=self.layer)
         if self.projection is not None:
@@ -138,7 +147,12 @@ def main(argv=None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for path, name in zip(files, names):
-            np.save(out / name, extractor(read_audio(path)).astype(np.float32))
+            wav = read_audio(path)
+            try:
+                features = extractor(wav)
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from err
+            np.save(out / name, features.astype(np.float32))
     except (FileNotFoundError, CheckpointError, ValueError) as err:
         print(f"siamctc-extract-features: error: {err}", file=sys.stderr)
         return 1

@@ -20,7 +20,17 @@ from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
 
 from .checkpoints import ENCODER_RECORD_KEY, HUBERT, WAVLM, Checkpoint, CheckpointError, read_checkpoint
-from .encoders import OVERRIDABLE, build_encoder, encoder_dim, encoder_features, frame_count, hubert_projection, load_encoder, normalizes_audio
+from .encoders import (
+    OVERRIDABLE,
+    build_encoder,
+    encoder_dim,
+    encoder_features,
+    encoder_record,
+    frame_count,
+    hubert_projection,
+    load_encoder,
+    normalizes_audio,
+)
 
 
 @dataclass
@@ -125,6 +135,12 @@ class SiamCTCModel(BaseFairseqModel):
             raise CheckpointError(
                 f"model.encoder_path={cfg.encoder_path}: a SiamCTC training checkpoint is no base encoder; "
                 "continue its run with checkpoint.restore_file, or start from its `siamctc-export` output"
+            )
+        task_normalize = getattr(getattr(task, "cfg", None), "normalize", None)
+        if task_normalize is not None and bool(task_normalize) != normalizes_audio(encoder_record(checkpoint)):
+            raise ValueError(
+                f"task.normalize={task_normalize} but {cfg.encoder_path} was trained "
+                f"{'with' if not task_normalize else 'without'} waveform normalisation; set task.normalize to match"
             )
         record, encoder = load_encoder(checkpoint, _encoder_overrides(cfg))
         return cls(cfg, record, encoder)
