@@ -11,4 +11,18 @@ compat.apply()
 
 from . import criterions, models, tasks  # noqa: E402,F401
 
+
+def _register_user_dir_resolver() -> None:
+    """``${siamctc_user_dir:}`` in a yaml file is this package's folder, for ``common.user_dir``:
+    fairseq needs an existing path there, and Hydra's working directory is the run directory."""
+    import pathlib
+
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("siamctc_user_dir"):
+        OmegaConf.register_new_resolver("siamctc_user_dir", lambda: str(pathlib.Path(__file__).parent))
+
+
+_register_user_dir_resolver()
+
 __version__ = "0.1.0"
