@@ -1,5 +1,7 @@
 """Round trip: tiny base checkpoint -> siamctc training through fairseq-hydra-train -> siamctc-export ->
-reload with the base model's own loader -> fairseq's stock CTC fine-tuning; and siamctc-extract-features."""
+reload with the base model's own loader -> fairseq's stock CTC fine-tuning; and siamctc-extract-features.
+
+Training uses the plugin's own ``siamctc`` task and criterion, found through ``common.user_dir``."""
 
 import pathlib
 
@@ -11,7 +13,7 @@ from fairseq import checkpoint_utils
 from omegaconf import OmegaConf
 
 import fairseq_siamctc  # noqa: F401
-from conftest import CPU_OVERRIDES, run_fairseq, write_audio_corpus
+from conftest import CPU_OVERRIDES, PLUGIN_DIR, run_fairseq, write_audio_corpus
 from fairseq_siamctc.cli import export, extract_features
 from fairseq_siamctc.models.checkpoints import CheckpointError, read_checkpoint
 from fairseq_siamctc.models.siamctc import SiamCTCModel
@@ -19,9 +21,6 @@ from fairseq_siamctc.models.wavlm import WavLM, read_wavlm_checkpoint
 from tiny_checkpoints import tiny_hubert_checkpoint, tiny_wavlm_checkpoint
 
 torch.set_num_threads(1)
-
-STANDIN_USER_DIR = pathlib.Path(__file__).parent / "standin_user_dir"
-
 
 def write_config(path, cfg: dict) -> pathlib.Path:
     path.mkdir(parents=True, exist_ok=True)
@@ -32,11 +31,11 @@ def write_config(path, cfg: dict) -> pathlib.Path:
 def train_siamctc(corpus, base, run_dir, updates=3) -> pathlib.Path:
     """A few SiamCTC updates on the tiny corpus; returns checkpoint_last.pt."""
     config = write_config(run_dir / "config", {
-        "common": {"user_dir": str(STANDIN_USER_DIR), "seed": 1, "log_format": "json"},
+        "common": {"user_dir": str(PLUGIN_DIR), "seed": 1, "log_format": "json"},
         "checkpoint": {"save_dir": str(run_dir / "checkpoints"), "no_epoch_checkpoints": True},
         "task": {"_name": "siamctc", "data": str(corpus), "max_sample_size": 16000, "min_sample_size": 8000},
         "dataset": {"batch_size": 3, "disable_validation": True},
-        "criterion": {"_name": "siamctc_standin"},
+        "criterion": {"_name": "siamctc"},
         "optimization": {"max_update": updates, "lr": [1e-3], "clip_norm": 1.0},
         "optimizer": {"_name": "adam", "weight_decay": 0.01},
         "lr_scheduler": {"_name": "polynomial_decay", "warmup_updates": 1, "total_num_update": updates},
@@ -52,7 +51,7 @@ def train_siamctc(corpus, base, run_dir, updates=3) -> pathlib.Path:
 def finetune_ctc(corpus, model_cfg: dict, run_dir):
     """fairseq's stock CTC fine-tuning (audio_finetuning task, ctc criterion) for 2 updates."""
     config = write_config(run_dir / "config", {
-        "common": {"user_dir": str(STANDIN_USER_DIR), "seed": 1, "log_format": "json"},
+        "common": {"user_dir": str(PLUGIN_DIR), "seed": 1, "log_format": "json"},
         "checkpoint": {"save_dir": str(run_dir / "checkpoints"), "no_epoch_checkpoints": True},
         "task": {"_name": "audio_finetuning", "data": str(corpus), "labels": "ltr", "normalize": False},
         "dataset": {"max_tokens": 100000, "validate_after_updates": 0, "valid_subset": "valid"},
