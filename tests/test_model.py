@@ -1,6 +1,8 @@
 """The siamctc model and the encoder loader: checkpoint detection, features against fairseq's
 HubertModel, padding independence, projection and freezing, rebuilding without the base file."""
 
+import argparse
+
 import pytest
 import torch
 from fairseq import checkpoint_utils
@@ -223,3 +225,28 @@ def test_task_normalisation_must_match_the_base_checkpoint(hubert_path):
         SiamCTCModel.build_model(cfg, Task())
     Task.cfg.normalize = False
     assert SiamCTCModel.build_model(cfg, Task()).normalize_audio is False
+
+
+def test_pre_hydra_checkpoint_with_an_args_namespace(hubert_path, fairseq_hubert, tmp_path):
+    state = torch.load(hubert_path)
+    cfg = state.pop("cfg")
+    fields = {k: v for section in ("task", "model") for k, v in cfg[section].items() if k != "_name"}
+    state["args"] = argparse.Namespace(**fields, arch="hubert", task="hubert_pretraining", criterion="hubert")
+    state["cfg"] = None
+    torch.save(state, tmp_path / "old.pt")
+    checkpoint = read_checkpoint(tmp_path / "old.pt")
+    assert checkpoint.kind == "hubert"
+    _, encoder = load_encoder(checkpoint)
+    source = waves(6_000, seed=8)[0][None]
+    with torch.no_grad():
+        assert (encoder_features(encoder.eval(), source)[0] - fairseq_hubert.extract_features(source)[0]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"feature_layer": 3}, "feature_layer must be between 1 and 2"),
+    ({"freeze_layers": 5}, "freeze_layers must be between 0 and 2"),
+    ({"freeze_layers": 1, "freeze_feature_extractor": False}, "needs model.freeze_feature_extractor=true"),
+])
+def test_bad_model_settings_are_clear_errors(hubert_path, cfg, message):
+    with pytest.raises(ValueError, match=message):
+        siamctc_model(hubert_path, **cfg)
