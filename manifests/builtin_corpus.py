@@ -21,7 +21,9 @@ What it builds (deterministic from ``--seed``; the same seed and size give the s
   flite's ``kal16`` and ``slt`` are not used, being the same people as festival's kal and slt.
   No speaker is in two splits. The speaking rate of every utterance is drawn
   from 0.85x to 1.18x of its speaker's rate (log-uniform), and espeak-ng's pitch moves by up to
-  4 steps around the speaker's, so rates vary within each speaker.
+  4 steps around the speaker's, so rates vary within each speaker. Every utterance is scaled to
+  the same peak level and gets a seeded noise floor at about -70 dBFS (the engines' pauses are
+  exact digital zeros otherwise).
 * ``--size tiny`` (about a minute of audio, for the tests): train 3 espeak-ng voices + flite awb,
   3 utterances each; valid 1 espeak-ng voice + flite rms, 2 each; test 1 espeak-ng voice + festival
   kal and slt, 2 each. ``--size small`` (about 15 minutes of training audio, for the demo): train 24
@@ -80,6 +82,7 @@ RATE_RANGE = (0.85, 1.18)
 PITCH_JITTER = 4
 SENTENCE_WORDS = (5, 14)
 PEAK_LEVEL = 0.9
+NOISE_FLOOR = 3e-4  # about -70 dBFS: engines write pauses as exact zeros, which no microphone does
 
 # audio folder of each split -> manifest name (fairseq's default validation subset is "valid")
 SPLIT_DIRS = {"train": "train", "dev": "valid", "test": "test"}
@@ -190,10 +193,13 @@ def write_speaker(audio_root: Path, speaker: Speaker, waves: list[np.ndarray], w
     return sum(len(w) for w in waves) / SAMPLE_RATE
 
 
-def synthesize_speaker(audio_root: Path, speaker: Speaker) -> float:
-    waves = synthesize(speaker.voice, speaker.utterances)
-    # one peak level for every engine, so that loudness says nothing about the speaker
-    waves = [(w * (PEAK_LEVEL / max(float(np.abs(w).max()), 1e-6))).astype(np.float32) for w in waves]
+def synthesize_speaker(audio_root: Path, speaker: Speaker, seed: int) -> float:
+    waves = []
+    for index, wav in enumerate(synthesize(speaker.voice, speaker.utterances)):
+        # one peak level for every engine, so that loudness says nothing about the engine
+        wav = wav * (PEAK_LEVEL / max(float(np.abs(wav).max()), 1e-6))
+        noise = np.random.default_rng([seed, speaker.speaker_id, index]).standard_normal(len(wav))
+        waves.append((wav + NOISE_FLOOR * noise).astype(np.float32))
     ids = [utterance_id(speaker, i) for i in range(len(waves))]
     return write_speaker(audio_root / speaker.split, speaker, waves,
                          [normalize_words(u.text) for u in speaker.utterances], ids)
@@ -280,23 +286,29 @@ def build_corpus(out: Path, size_name: str = "tiny", seed: int = 1, workers: int
     prepare_output(out)
     audio_root, manifest_dir = out / "audio", out / "manifests"
 
+    stages = {}
     lexicon = load_lexicon(lexicon_path)
     speakers = plan_speakers(SIZES[size_name], kjv_sentences(lexicon), seed)
+    stages["sentences"] = time.monotonic() - start
     with ThreadPoolExecutor(max_workers=workers) as pool:  # engines run as subprocesses: threads suffice
-        for speaker, seconds in zip(speakers, pool.map(lambda s: synthesize_speaker(audio_root, s), speakers)):
+        for speaker, seconds in zip(speakers, pool.map(lambda s: synthesize_speaker(audio_root, s, seed), speakers)):
             speaker.seconds = seconds
     speakers += copy_real_speech(Path(testdata), audio_root)
     write_speakers_txt(audio_root / "SPEAKERS.TXT", speakers)
+    stages["synthesis"] = time.monotonic() - start - sum(stages.values())
 
     for folder, split in [*SPLIT_DIRS.items(), (REAL_SPLIT, REAL_SPLIT)]:
         make_manifest(audio_root / folder, manifest_dir, split=split)
     tsvs = [manifest_dir / f"{split}.tsv" for split in [*SPLIT_DIRS.values(), REAL_SPLIT]]
     labels = make_labels(tsvs, manifest_dir, lexicon_path, dict_splits=["train"])
+    stages["manifests and labels"] = time.monotonic() - start - sum(stages.values())
     for split in ("test", REAL_SPLIT):
         speed_perturb_testset(manifest_dir / f"{split}.tsv", audio_root, DEFAULT_SPEEDS)
+    stages["speed copies"] = time.monotonic() - start - sum(stages.values())
 
     summary = {
         "size": size_name, "seed": seed, "build_seconds": round(time.monotonic() - start, 1),
+        "stage_seconds": {name: round(seconds, 1) for name, seconds in stages.items()},
         "phone_inventory": labels.phone_inventory,
         "dropped_utterances": {s.name: s.dropped_oov + s.dropped_missing for s in labels.splits},
         "splits": {}, "speakers": [],
@@ -318,7 +330,8 @@ def build_corpus(out: Path, size_name: str = "tiny", seed: int = 1, workers: int
 def print_summary(summary: dict, out: Path) -> None:
     splits = summary["splits"]
     print(f"built-in corpus '{summary['size']}' (seed {summary['seed']}) in {out}: "
-          f"{summary['build_seconds']:.1f} s to build")
+          f"{summary['build_seconds']:.1f} s to build ("
+          + ", ".join(f"{name} {sec:.1f} s" for name, sec in summary["stage_seconds"].items()) + ")")
     print(f"{'split':<10} {'speakers':>8} {'utts':>6} {'minutes':>8} {'hours':>7}  engines")
     for name, s in splits.items():
         print(f"{name:<10} {s['speakers']:>8} {s['utterances']:>6} {s['minutes']:>8.2f} {s['hours']:>7.4f}  "
