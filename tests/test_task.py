@@ -280,3 +280,45 @@ def test_damaged_file_is_skipped_with_a_count(tmp_path, caplog, damage):
     assert "skipping" in caplog.text and "u1.wav" in caplog.text and "train.tsv:3" in caplog.text
     assert "1 skipped so far" in caplog.text
     assert dataset.collater([dataset[1]]) == {}
+
+
+class StridedConvEncoder(torch.nn.Module):
+    """Stand-in for the SiamCTC model: a 400-sample, 320-stride conv gives 50 frames a second."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, dim, kernel_size=400, stride=320)
+        self.phi = torch.nn.Linear(dim, dim)
+        self.psi = torch.nn.Linear(dim, dim)
+
+    def encode(self, source, padding_mask):
+        z = self.conv(source[:, None, :]).transpose(1, 2)
+        frames = torch.div((~padding_mask).sum(1) - 400, 320, rounding_mode="floor") + 1
+        return z, torch.arange(z.shape[1])[None, :] >= frames[:, None]
+
+    def forward(self, source, padding_mask, source_pert, padding_mask_pert):
+        z, z_padding_mask = self.encode(source, padding_mask)
+        z_pert, z_pert_padding_mask = self.encode(source_pert, padding_mask_pert)
+        return {"z": z, "z_pert": z_pert, "z_padding_mask": z_padding_mask, "z_pert_padding_mask": z_pert_padding_mask}
+
+
+def test_a_batch_runs_through_the_criterion_as_its_utterances_one_by_one(tmp_path):
+    """Padding of either view changes nothing: the batch loss is the sum of single-utterance losses."""
+    from fairseq_siamctc.criterions.siamctc import SiamCTCCriterion, SiamCTCCriterionConfig
+
+    write_corpus(tmp_path, [12000, 16000, 20000, 9000])
+    task = make_task(tmp_path)
+    dataset = load(task, "train")
+    torch.manual_seed(0)
+    model = StridedConvEncoder()
+    # beta=0: TINCE's random negatives depend on the batch, the CTC and KL terms must not.
+    criterion = SiamCTCCriterion.build_criterion(SiamCTCCriterionConfig(seed=1, beta=0.0), task)
+    items = [dataset[i] for i in range(len(dataset))]
+    batch = dataset.collater(items)
+    assert batch["net_input"]["padding_mask"].any() and batch["net_input"]["padding_mask_pert"].any()
+    loss, sample_size, logging_output = criterion(model, batch)
+    assert sample_size == 4 and logging_output["nsentences"] == 4 and torch.isfinite(loss)
+    singles = sum(criterion(model, dataset.collater([item]))[0] for item in items)
+    assert loss.item() == pytest.approx(singles.item(), rel=1e-4)
+    loss.backward()
+    assert model.conv.weight.grad.abs().sum() > 0 and model.phi.weight.grad.abs().sum() > 0
