@@ -178,6 +178,19 @@ def test_gradients_reach_only_the_trained_parts(hubert_path):
     assert model.phi.weight.requires_grad and model.psi.weight.requires_grad  # trained by the criterion
 
 
+@pytest.mark.parametrize("layer_norm_first", [False, True])
+def test_layers_above_the_feature_layer_are_frozen(tmp_path, layer_norm_first):
+    tiny_hubert_checkpoint(tmp_path / "base.pt", layer_norm_first=layer_norm_first)
+    model = siamctc_model(tmp_path / "base.pt", feature_layer=1).train()
+    source, mask = pad(waves(8_000, 6_000, seed=9))
+    out = model(source, mask, source, mask)
+    (out["z"].pow(2).sum() + out["z_pert"].pow(2).sum()).backward()
+    assert all(p.grad is None and not p.requires_grad for p in model.encoder.encoder.layers[1].parameters())
+    assert all(p.grad is not None for p in model.encoder.encoder.layers[0].parameters())
+    final_norm = model.encoder.encoder.layer_norm.weight
+    assert final_norm.requires_grad == (not layer_norm_first) and (final_norm.grad is None) == layer_norm_first
+
+
 def test_rebuilt_from_its_own_checkpoint_without_the_base_file(tmp_path):
     base = tmp_path / "base.pt"
     tiny_hubert_checkpoint(base, seed=5)

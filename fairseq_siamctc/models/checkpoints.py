@@ -15,7 +15,6 @@ feature extraction rebuild the encoder from that record, so the original file is
 """
 
 import argparse
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,14 @@ SIAMCTC = "siamctc"
 ENCODER_RECORD_KEY = "_extra_state"
 
 
+_EXPECTED = {
+    HUBERT: "a fairseq HuBERT checkpoint",
+    WAVLM: "a WavLM checkpoint ({'cfg', 'model'})",
+    SIAMCTC: "a SiamCTC training checkpoint",
+}
+_FOUND = {HUBERT: "a HuBERT checkpoint", WAVLM: "a WavLM checkpoint", SIAMCTC: "a SiamCTC training checkpoint"}
+
+
 class CheckpointError(ValueError):
     """A file that is not a checkpoint this plugin can use; the message says what was found."""
 
@@ -53,21 +60,16 @@ class Checkpoint:
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu")
-    except pickle.UnpicklingError as err:
+    except Exception as err:  # the unpickler fails in many ways on foreign bytes (KeyError, EOFError, ...)
         refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         if refused:
             raise CheckpointError(
                 f"{path}: the checkpoint holds a Python object that safe loading (weights_only) refuses: "
                 f"{refused.group(1)}; import fairseq_siamctc first (it allows the classes fairseq checkpoints hold)"
             ) from err
-        raise CheckpointError(f"{path}: not a checkpoint: truncated or corrupt file ({_first_line(err)})") from err
-    except Exception as err:  # the unpickler fails in many ways on foreign bytes (KeyError, EOFError, ...)
-        raise CheckpointError(f"{path}: not a checkpoint: truncated or corrupt file ({_first_line(err)})") from err
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+        text = str(err).strip()
+        reason = text.splitlines()[0] if text else type(err).__name__
+        raise CheckpointError(f"{path}: not a checkpoint: truncated or corrupt file ({reason})") from err
 
 
 def fairseq_model_name(state: Any) -> Optional[str]:
@@ -120,11 +122,8 @@ def read_checkpoint(path, allowed=(HUBERT, WAVLM, SIAMCTC)) -> Checkpoint:
     else:
         kind = None
     if kind not in allowed:
-        expected = " or ".join(
-            {HUBERT: "a fairseq HuBERT checkpoint", WAVLM: "a WavLM checkpoint ({'cfg', 'model'})", SIAMCTC: "a SiamCTC training checkpoint"}[k]
-            for k in allowed
-        )
-        found = describe(state) if kind is None else {HUBERT: "a HuBERT checkpoint", WAVLM: "a WavLM checkpoint", SIAMCTC: "a SiamCTC training checkpoint"}[kind]
+        expected = " or ".join(_EXPECTED[k] for k in allowed)
+        found = describe(state) if kind is None else _FOUND[kind]
         raise CheckpointError(f"{path}: expected {expected}, found {found}")
     return Checkpoint(kind=kind, path=str(path), cfg=cfg, model=state["model"], state=state)
 

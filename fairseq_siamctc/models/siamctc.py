@@ -109,7 +109,8 @@ class SiamCTCModel(BaseFairseqModel):
     def _freeze(self):
         encoder, cfg = self.encoder, self.cfg
         frozen = []
-        # parts of the base model SiamCTC never runs: left exactly as they were, and exported so
+        # parts of the base model SiamCTC never runs stay exactly as they were (and are exported so);
+        # frozen rather than merely gradient-less, so that distributed training sees no unused parameters
         frozen += [getattr(encoder, "label_embs_concat", None), getattr(encoder, "target_glu", None)]
         if not self.uses_encoder_projection:
             frozen.append(getattr(encoder, "final_proj", None))
@@ -124,6 +125,11 @@ class SiamCTCModel(BaseFairseqModel):
             if not getattr(encoder.encoder, "layer_norm_first", True):
                 frozen.append(encoder.encoder.layer_norm)  # post-LN models normalise before layer 1
             frozen += list(encoder.encoder.layers[: cfg.freeze_layers])
+        if cfg.feature_layer is not None:
+            # layers above the feature layer (and a pre-LN model's final norm) never run
+            frozen += list(encoder.encoder.layers[cfg.feature_layer :])
+            if getattr(encoder.encoder, "layer_norm_first", False):
+                frozen.append(encoder.encoder.layer_norm)
         for part in frozen:
             if part is not None:
                 part.requires_grad_(False)
