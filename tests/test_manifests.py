@@ -366,3 +366,17 @@ def test_speed_perturb_rejects_misaligned_labels(libri, tmp_path, capsys):
     (out / "test.wrd").unlink()
     speed_mod.main([str(out / "test.tsv"), "--audio-out", str(tmp_path / "audio"), "--speeds", "0.9"])
     assert "test_sp0.9: 6 files" in capsys.readouterr().out
+
+
+def test_malformed_manifest_and_duplicate_transcripts_are_errors(libri, tmp_path):
+    root, _, _ = libri
+    out = tmp_path / "m"
+    make_manifest(root, out)
+    trans = root / "26" / "495" / "26-495.trans.txt"
+    trans.write_text(trans.read_text() + "26-495-0004 AGAIN\n")
+    with pytest.raises(LabelError, match=r"26-495.trans.txt:3: utterance 26-495-0004 listed twice"):
+        make_labels([out / "train.tsv"])
+    bad = tmp_path / "bad.tsv"
+    bad.write_text(f"{root}\n19/198/19-198-0001.flac 4000\n")
+    with pytest.raises(ManifestError, match=r"bad.tsv:2: expected"):
+        read_tsv(bad)
