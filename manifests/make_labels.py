@@ -26,7 +26,9 @@ For each manifest ``{split}.tsv`` this writes, into ``--out-dir`` (default: the 
 * ``{split}.spm`` (with ``--spm-vocab N``): sentencepiece pieces of a model trained on the words of
   ``--dict-splits`` (``spm.model``/``spm.vocab`` are saved next to it); use ``post_process=sentencepiece``;
 * ``{split}.tsv``: the manifest again, without the utterances that were dropped (see below), so that
-  every label file lines up 1:1 with the manifest, as fairseq's ``audio_finetuning`` task requires;
+  every label file lines up 1:1 with the manifest, as fairseq's ``audio_finetuning`` task requires
+  (when ``--out-dir`` is the manifest's own folder it is overwritten: run ``siamctc-manifest``
+  again to get the dropped utterances back, e.g. for letter targets without a lexicon);
 
 and ``dict.wrd.txt``, ``dict.ltr.txt``, ``dict.phn.txt`` (``dict.spm.txt``) in fairseq's format, one
 ``SYMBOL COUNT`` a line, most frequent first. Counts come from the splits named by ``--dict-splits``
