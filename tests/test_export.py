@@ -195,3 +195,14 @@ def test_extract_features_errors(hubert_run, audio_dir, tmp_path, capsys):
     assert "click.wav: 300 samples is shorter than one frame" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="not a checkpoint"):
         read_checkpoint(audio_dir / "utt_a.wav")
+
+
+def test_export_after_fp16_training_is_float32(hubert_run, tmp_path):
+    _, trained = hubert_run
+    state = torch.load(trained)
+    state["model"] = {k: v.half() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, tmp_path / "fp16.pt")
+    assert export.main([str(tmp_path / "fp16.pt"), str(tmp_path / "out.pt")]) == 0
+    exported = torch.load(tmp_path / "out.pt")["model"]
+    assert all(v.dtype == torch.float32 for v in exported.values() if v.is_floating_point())
+    assert torch.equal(exported["final_proj.weight"], state["model"]["encoder.final_proj.weight"].float())

@@ -37,7 +37,12 @@ def encoder_state(checkpoint: Checkpoint) -> Dict[str, Any]:
     if ENCODER_RECORD_KEY not in checkpoint.model:
         raise CheckpointError(f"{checkpoint.path}: SiamCTC checkpoint without the record of its base encoder")
     record = checkpoint.model[ENCODER_RECORD_KEY]
-    state = {k[len(ENCODER_PREFIX):]: v for k, v in checkpoint.model.items() if k.startswith(ENCODER_PREFIX)}
+    # float32 as the published base checkpoints, also after fp16 training
+    state = {
+        k[len(ENCODER_PREFIX):]: v.float() if v.is_floating_point() else v
+        for k, v in checkpoint.model.items()
+        if k.startswith(ENCODER_PREFIX)
+    }
     try:
         build_encoder(record).load_state_dict(state, strict=True)
     except RuntimeError as err:
