@@ -206,3 +206,18 @@ def test_export_after_fp16_training_is_float32(hubert_run, tmp_path):
     exported = torch.load(tmp_path / "out.pt")["model"]
     assert all(v.dtype == torch.float32 for v in exported.values() if v.is_floating_point())
     assert torch.equal(exported["final_proj.weight"], state["model"]["encoder.final_proj.weight"].float())
+
+
+def test_extract_features_of_a_wavlm_checkpoint(audio_dir, tmp_path, capsys):
+    reference = tiny_wavlm_checkpoint(tmp_path / "wavlm.pt")
+    out = tmp_path / "wavlm_features"
+    assert extract_features.main(["--checkpoint", str(tmp_path / "wavlm.pt"), "--layer", "1", "--out", str(out),
+                                  str(audio_dir / "utt_b.wav")]) == 0
+    wav, _ = sf.read(audio_dir / "utt_b.wav", dtype="float32")
+    with torch.no_grad():
+        ref, _ = reference.extract_features(torch.from_numpy(wav)[None], output_layer=1)
+    features = np.load(out / "utt_b.npy")
+    assert features.shape == tuple(ref.shape[1:]) and np.abs(features - ref[0].numpy()).max() <= 1e-5
+    assert extract_features.main(["--checkpoint", str(tmp_path / "wavlm.pt"), "--projected", "--out", str(out),
+                                  str(audio_dir / "utt_b.wav")]) == 1
+    assert "has no 256-dimensional projection of its own" in capsys.readouterr().err
