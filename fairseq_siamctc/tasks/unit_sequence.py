@@ -15,6 +15,7 @@ either merge repeated units (``task.dedup_units=true``) or let the label LM repe
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
@@ -32,6 +33,10 @@ class UnitSequenceConfig(FairseqDataclass):
     label_text: str = field(
         default=MISSING, metadata={"help": "label sequences for the LM, one utterance a line (e.g. train.phn)"}
     )
+    label_dict: Optional[str] = field(
+        default=None,
+        metadata={"help": "fairseq dictionary (e.g. dict.phn.txt) fixing the label inventory and order; None: sorted labels of label_text"},
+    )
     num_units: int = field(default=100, metadata={"help": "size of the unit inventory (k of k-means)"})
     dedup_units: bool = field(default=False, metadata={"help": "merge runs of a repeated unit into one"})
     lm_order: int = field(default=2, metadata={"help": "n of the n-gram label LM (the paper's limited-context LM: 2)"})
@@ -41,6 +46,15 @@ class UnitSequenceConfig(FairseqDataclass):
     )
     train_subset: str = II("dataset.train_subset")
     seed: int = II("common.seed")
+
+
+def read_dictionary_symbols(path: str) -> list:
+    """The symbols of a fairseq dictionary file (``SYMBOL COUNT`` a line), in file order."""
+    with open(path) as lines:
+        symbols = [line.split()[0] for line in lines if line.strip()]
+    if not symbols:
+        raise ValueError(f"{path}: no symbols")
+    return symbols
 
 
 @register_task("unit_sequence", dataclass=UnitSequenceConfig)
@@ -54,7 +68,8 @@ class UnitSequenceTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: UnitSequenceConfig, **kwargs):
-        symbols, sequences = read_label_sequences(cfg.label_text)
+        inventory = None if cfg.label_dict is None else read_dictionary_symbols(cfg.label_dict)
+        symbols, sequences = read_label_sequences(cfg.label_text, inventory)
         label_lm = NGramLabelLM.estimate(
             sequences, len(symbols), order=cfg.lm_order, add_k=cfg.lm_add_k, label_loop_prob=cfg.label_loop_prob
         )

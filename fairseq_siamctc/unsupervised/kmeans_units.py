@@ -1,0 +1,97 @@
+"""k-means units of a corpus with fairseq's stock HuBERT recipe, as ``{split}.km`` for ``unit_sequence``.
+
+Runs the functions of fairseq's ``examples/hubert/simple_kmeans`` scripts in this process, with the
+plugin's fairseq fixes applied (MFCC + deltas at 100 frames a second, ``dump_mfcc_feature.py``;
+scikit-learn mini-batch k-means fitted on one split, ``learn_kmeans.py``; ``dump_km_label.py``) on
+wav2vec-style manifests, and renames their ``{split}_0_1.km`` outputs::
+
+    python -m fairseq_siamctc.unsupervised.kmeans_units MANIFEST_DIR OUT_DIR --clusters 50 --splits train valid
+
+For HuBERT features instead of MFCC run ``dump_hubert_feature.py`` of the same folder by hand; the
+k-means and labelling steps are the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import fairseq
+
+
+def simple_kmeans_dir() -> Path:
+    """fairseq's ``examples/hubert/simple_kmeans`` folder of the installed fairseq."""
+    folder = Path(fairseq.__file__).parent / "examples" / "hubert" / "simple_kmeans"
+    if not (folder / "learn_kmeans.py").is_file():
+        raise FileNotFoundError(f"fairseq's HuBERT k-means scripts are not installed (looked in {folder})")
+    return folder
+
+
+def _stock_modules():
+    """The three stock scripts as modules (their folder on sys.path only while they import each other)."""
+    folder = str(simple_kmeans_dir())
+    sys.path.insert(0, folder)
+    try:
+        return tuple(importlib.import_module(name) for name in ("dump_mfcc_feature", "learn_kmeans", "dump_km_label"))
+    finally:
+        sys.path.remove(folder)
+
+
+def dump_kmeans_units(
+    manifest_dir: str | Path,
+    out_dir: str | Path,
+    num_clusters: int,
+    splits: Sequence[str] = ("train", "valid"),
+    fit_split: str = "train",
+    seed: int = 0,
+    n_init: int = 3,
+) -> dict[str, Path]:
+    """Fits k-means on the MFCC features of ``fit_split`` and writes ``out_dir/{split}.km`` for every split.
+
+    ``manifest_dir/{split}.tsv`` are wav2vec manifests. Returns the written paths by split.
+    """
+    manifest_dir, out_dir = Path(manifest_dir), Path(out_dir)
+    for split in {fit_split, *splits}:
+        if not (manifest_dir / f"{split}.tsv").is_file():
+            raise FileNotFoundError(f"no manifest {manifest_dir / f'{split}.tsv'}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mfcc, kmeans, labels = _stock_modules()
+    written = {}
+    with tempfile.TemporaryDirectory(dir=out_dir) as work:
+        features = f"{work}/features"
+        for split in dict.fromkeys([fit_split, *splits]):
+            mfcc.main(str(manifest_dir), split, 1, 0, features, 16000)
+        model = f"{work}/kmeans.bin"
+        # learn_kmeans.py's command-line defaults, with n_init lowered from 20: the fit is the slow part
+        kmeans.learn_kmeans(
+            features, fit_split, 1, model, num_clusters, seed, percent=-1, init="k-means++", max_iter=100,
+            batch_size=10000, tol=0.0, n_init=n_init, reassignment_ratio=0.0, max_no_improvement=100,
+        )
+        for split in splits:
+            labels.dump_label(features, split, model, 1, 0, work)
+            written[split] = Path(shutil.move(f"{work}/{split}_0_1.km", out_dir / f"{split}.km"))
+    return written
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("manifest_dir", help="folder with the {split}.tsv wav2vec manifests")
+    parser.add_argument("out_dir", help="where {split}.km go")
+    parser.add_argument("--clusters", type=int, default=100, help="k (HuBERT's first iteration: 100)")
+    parser.add_argument("--splits", nargs="+", default=["train", "valid"])
+    parser.add_argument("--fit-split", default="train", help="split whose features the k-means is fitted on")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-init", type=int, default=3, help="k-means restarts (learn_kmeans.py's default: 20)")
+    args = parser.parse_args(argv)
+    written = dump_kmeans_units(args.manifest_dir, args.out_dir, args.clusters, args.splits, args.fit_split, args.seed, args.n_init)
+    for split, path in written.items():
+        print(f"{split}: {path}")
+
+
+if __name__ == "__main__":
+    main()
