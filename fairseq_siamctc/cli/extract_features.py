@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layer", type=int, default=None, help="transformer layer from 1 (default: the last)")
     parser.add_argument("--projected", action="store_true", help=f"the {PROJECTION_DIM}-dimensional features SiamCTC trains")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
     parser.add_argument("inputs", nargs="+", metavar="AUDIO_OR_MANIFEST", help="audio files and/or wav2vec .tsv manifests")
     args = parser.parse_args(argv)
     try:
