@@ -16,6 +16,7 @@ import pathlib
 from typing import Dict, Sequence
 
 from .decode import CtcRecognizer, decode_split
+from .plotting import pyplot
 
 SPEED_FACTORS = (0.8, 0.9, 1.0, 1.1, 1.2)
 
@@ -35,11 +36,7 @@ def markdown_table(error_rates: Dict[str, Dict[str, float]], metric: str) -> str
 
 
 def plot(error_rates: Dict[str, Dict[str, float]], metric: str, title: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     for (model, rates), marker in zip(error_rates.items(), "osD^v<>"):
         factors = sorted(rates, key=float)

@@ -1,0 +1,236 @@
+"""The whole SiamCTC chain on the built-in corpus, on a CPU: ``make demo`` (``DEMO_SIZE=tiny|small``).
+
+1. corpus     build the built-in corpus (text-to-speech voices, real test speech, speed copies);
+2. units      MFCC k-means units with fairseq's ``simple_kmeans`` scripts (HuBERT's first iteration);
+3. seed       pretrain a small HuBERT on them with fairseq's stock ``hubert_pretraining``: the stand-in
+              for ``hubert_base_ls960.pt``;
+4. siamctc    continue training it with SiamCTC (``examples/siamctc/tiny.yaml``), then export it as
+              an ordinary HuBERT checkpoint (``siamctc-export``);
+5. finetune   fine-tune the seed and the SiamCTC encoder for phoneme recognition with identical
+              settings and seeds (``examples/finetune/tiny_phn.yaml``, fairseq's stock CTC recipe);
+6. evaluate   decode ``test`` and ``test_real`` and their speed copies (0.8x to 1.2x) greedily, and
+              plot the error rates and one SiamCTC alignment.
+
+Writes ``results.json``, ``results.md``, ``robustness.png``, ``robustness_real.png`` and
+``alignment.png`` to ``--out`` (default ``results/demo``, or ``results/demo_tiny``), and keeps the
+logs of every stage in ``--out/logs``. Stages whose output exists are not run again (``--force``
+reruns everything); the corpus is shared with ``make corpus`` under ``data/``.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1].parent
+PYTHON = sys.executable
+BIN = pathlib.Path(PYTHON).parent
+SPEEDS = ("0.8", "0.9", "1.0", "1.1", "1.2")
+
+# Sized so that `small` fits 20 minutes on 2 cores and `tiny` a few minutes.
+SIZES = {
+    "tiny": dict(corpus="data/builtin_tiny", work="data/demo_tiny", clusters=20, seed_updates=60,
+                 siamctc_updates=20, finetune_updates=80, warmup=10),
+    "small": dict(corpus="data/builtin", work="data/demo", clusters=100, seed_updates=900,
+                  siamctc_updates=150, finetune_updates=900, warmup=100),
+}
+
+
+class Demo:
+    def __init__(self, size: str, out: pathlib.Path, force: bool):
+        self.size, self.settings, self.force = size, SIZES[size], force
+        self.corpus = REPO / self.settings["corpus"]
+        self.manifests = self.corpus / "manifests"
+        self.work = REPO / self.settings["work"]
+        self.out = out
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.seconds = {}
+
+    # -- running commands -------------------------------------------------------------------
+    def run(self, name, args, threads=2, background=False):
+        """Runs a command with its output in logs/<name>.log; prints fairseq's progress lines."""
+        log_path = self.logs / f"{name}.log"
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+                   PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="1")
+        log = open(log_path, "w")
+        proc = subprocess.Popen([str(a) for a in args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc.demo_name, proc.demo_log, proc.demo_log_path = name, log, log_path
+        return proc if background else self.wait(proc)
+
+    def wait(self, proc):
+        for line in proc.stdout:
+            proc.demo_log.write(line)
+            progress = re.search(r'"num_updates": "(\d+)"', line)
+            if progress and "train_inner" in line:
+                loss = re.search(r'"loss": "([\d.]+)"', line)
+                print(f"  [{proc.demo_name}] update {progress.group(1)}"
+                      + (f", loss {loss.group(1)}" if loss else ""), flush=True)
+            elif line.startswith(("siamctc-", "Summary", "corpus")) or "error" in line.lower():
+                print(f"  [{proc.demo_name}] {line.rstrip()}", flush=True)
+        proc.wait()
+        proc.demo_log.close()
+        if proc.returncode != 0:
+            tail = proc.demo_log_path.read_text().splitlines()[-30:]
+            sys.exit(f"demo: stage {proc.demo_name} failed ({proc.returncode}); "
+                     f"log: {proc.demo_log_path}\n" + "\n".join(tail))
+        return proc
+
+    def stage(self, name, done: pathlib.Path, function):
+        start = time.time()
+        if done.exists() and not self.force:
+            print(f"== {name}: already done ({done.relative_to(REPO)})", flush=True)
+        else:
+            print(f"== {name}", flush=True)
+            function()
+        self.seconds[name] = round(time.time() - start, 1)
+        print(f"   {name}: {self.seconds[name]:.0f} s", flush=True)
+
+    def hydra_train(self, name, config_dir, config_name, run_dir, overrides, threads=2, background=False):
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        return self.run(name, [BIN / "fairseq-hydra-train", "--config-dir", REPO / config_dir,
+                               "--config-name", config_name, f"hydra.run.dir={run_dir}", *overrides],
+                        threads=threads, background=background)
+
+    # -- stages ------------------------------------------------------------------------------
+    def build_corpus(self):
+        self.run("corpus", [PYTHON, "-m", "manifests.builtin_corpus", "--size", self.size,
+                            "--out", self.corpus])
+
+    def units(self):
+        units, features = self.work / "units", self.work / "mfcc"
+        for path in (units, features):
+            path.mkdir(parents=True, exist_ok=True)
+        kmeans = "fairseq/examples/hubert/simple_kmeans"
+        script = [PYTHON, "-m", "fairseq_siamctc.run_script"]
+        for split in ("train", "valid"):
+            self.run(f"mfcc_{split}", [*script, f"{kmeans}/dump_mfcc_feature.py", self.manifests,
+                                       split, 1, 0, features])
+        self.run("kmeans", [*script, f"{kmeans}/learn_kmeans.py", features, "train", 1,
+                            self.work / "kmeans.bin", self.settings["clusters"], "--percent", -1])
+        for split in ("train", "valid"):
+            self.run(f"units_{split}", [*script, f"{kmeans}/dump_km_label.py", features, split,
+                                        self.work / "kmeans.bin", 1, 0, units])
+            (units / f"{split}_0_1.km").rename(units / f"{split}.km")
+        (units / "dict.km.txt").write_text("".join(f"{i} 1\n" for i in range(self.settings["clusters"])))
+
+    def seed(self):
+        updates = self.settings["seed_updates"]
+        self.hydra_train("seed", "examples/demo", "seed_hubert", self.work / "seed", [
+            f"task.data={self.manifests}", f"task.label_dir={self.work / 'units'}",
+            f"optimization.max_update={updates}",
+            f"lr_scheduler.warmup_updates={self.settings['warmup']}",
+        ])
+
+    def siamctc(self):
+        self.hydra_train("siamctc", "examples/siamctc", "tiny", self.work / "siamctc", [
+            f"task.data={self.manifests}", f"model.encoder_path={self.seed_checkpoint}",
+            f"optimization.max_update={self.settings['siamctc_updates']}",
+            f"lr_scheduler.warmup_updates={max(1, self.settings['siamctc_updates'] // 5)}",
+        ])
+        self.run("export", [BIN / "siamctc-export", self.siamctc_checkpoint, self.siamctc_export])
+
+    def finetune(self):
+        # both at once, one thread each: same settings and seed, only the encoder differs
+        procs = [
+            self.hydra_train(f"finetune_{name}", "examples/finetune", "tiny_phn",
+                             self.work / f"finetune_{name}", [
+                                 f"task.data={self.manifests}", f"model.w2v_path={encoder}",
+                                 f"optimization.max_update={self.settings['finetune_updates']}",
+                                 "common.seed=1"], threads=1, background=True)
+            for name, encoder in self.encoders.items()
+        ]
+        for proc in procs:
+            self.wait(proc)
+
+    def evaluate(self):
+        models = []
+        for name in self.encoders:
+            models += ["--model", f"{name}={self.work / f'finetune_{name}' / 'checkpoints' / 'checkpoint_last.pt'}"]
+        for test_set in ("test", "test_real"):
+            self.run(f"decode_{test_set}", [BIN / "siamctc-robustness", *models, "--data", self.manifests,
+                                            "--test-set", test_set, "--labels", "phn",
+                                            "--out", self.work / f"eval_{test_set}"])
+        self.run("alignment", [BIN / "siamctc-plot-alignment", "--checkpoint", self.siamctc_checkpoint,
+                               "--manifest", self.manifests / "test.tsv", "--index", 0, "--speed", 1.2,
+                               "--out", self.out / "alignment.png"])
+
+    # -- paths -------------------------------------------------------------------------------
+    @property
+    def seed_checkpoint(self):
+        return self.work / "seed" / "checkpoints" / "checkpoint_last.pt"
+
+    @property
+    def siamctc_checkpoint(self):
+        return self.work / "siamctc" / "checkpoints" / "checkpoint_last.pt"
+
+    @property
+    def siamctc_export(self):
+        return self.work / "siamctc_hubert.pt"
+
+    @property
+    def encoders(self):
+        return {"seed": self.seed_checkpoint, "siamctc": self.siamctc_export}
+
+    # -- results -----------------------------------------------------------------------------
+    def write_results(self, started):
+        results = {"size": self.size}
+        for key, test_set in (("per", "test"), ("per_real", "test_real")):
+            evaluation = json.loads((self.work / f"eval_{test_set}" / "robustness.json").read_text())
+            results[key] = evaluation["error_rates"]
+            shutil.copy(self.work / f"eval_{test_set}" / "robustness.png",
+                        self.out / ("robustness.png" if test_set == "test" else "robustness_real.png"))
+        corpus = json.loads((self.corpus / "corpus.json").read_text())
+        results["corpus"] = {k: corpus[k] for k in ("hours", "speakers", "utterances") if k in corpus}
+        results["settings"] = self.settings
+        results["stage_seconds"] = self.seconds
+        results["seconds"] = round(time.time() - started, 1)
+        (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (self.out / "results.md").write_text(results_markdown(results))
+        print(results_markdown(results))
+
+
+def results_markdown(results) -> str:
+    lines = [f"SiamCTC demo ({results['size']} built-in corpus), phoneme error rate (%) by speed factor:", ""]
+    for key, title in (("per", "synthetic test speakers (held-out voices)"),
+                       ("per_real", "real speech (test_real)")):
+        lines += [f"{title}:", "", "| encoder | " + " | ".join(f"{s}x" for s in SPEEDS) + " | mean |",
+                  "|---|" + "---:|" * (len(SPEEDS) + 1)]
+        for model, rates in results[key].items():
+            values = [rates[s] for s in SPEEDS]
+            lines.append(f"| {model} | " + " | ".join(f"{v:.1f}" for v in values)
+                         + f" | {sum(values) / len(values):.1f} |")
+        lines.append("")
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in results["stage_seconds"].items())
+    lines.append(f"Total {results['seconds'] / 60:.1f} min ({stages}).")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--out", type=pathlib.Path, help="results folder (default results/demo[_tiny])")
+    parser.add_argument("--force", action="store_true", help="rerun stages whose output exists")
+    args = parser.parse_args(argv)
+    out = (args.out or REPO / ("results/demo" if args.size == "small" else f"results/demo_{args.size}")).resolve()
+    started = time.time()
+    demo = Demo(args.size, out, args.force)
+    demo.stage("corpus", demo.corpus / "corpus.json", demo.build_corpus)
+    demo.stage("units", demo.work / "units" / "dict.km.txt", demo.units)
+    demo.stage("seed", demo.seed_checkpoint, demo.seed)
+    demo.stage("siamctc", demo.siamctc_export, demo.siamctc)
+    demo.stage("finetune", demo.work / "finetune_siamctc" / "checkpoints" / "checkpoint_last.pt", demo.finetune)
+    demo.stage("evaluate", out / "alignment.png", demo.evaluate)
+    demo.write_results(started)
+
+
+if __name__ == "__main__":
+    main()
