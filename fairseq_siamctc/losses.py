@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+__all__ = ["alignment_log_probs", "frame_ctc_loss", "viterbi_alignment", "tince_loss", "siamctc_loss"]
+
 SIMILARITIES = ("cosine", "dot")
 
 
@@ -226,6 +228,7 @@ def tince_per_anchor(h: Tensor, pred: Tensor, negatives: Tensor, temperature: fl
     # all T x T similarities, then a gather: faster on CPU than gathering M feature vectors per anchor
     # (whose backward is a scatter of B*T*M*D values) and within the O(B*T*T) memory of the CTC term
     similarities = torch.bmm(pred_unit, h_unit.transpose(1, 2))
+    similarities = similarities.to(torch.promote_types(similarities.dtype, torch.float32))
     positive = F.pad(similarities.diagonal(offset=1, dim1=1, dim2=2), (0, 1))
     negative = similarities.gather(2, negatives)
     logits = torch.cat([positive[..., None], negative], dim=-1) / temperature

@@ -148,3 +148,30 @@ def test_non_finite_term_raises_naming_it():
     assert torch.isfinite(loss) and torch.isnan(log["tince"])
     with pytest.raises(FloatingPointError, match="tince"):
         make_criterion()(model, sample)
+
+
+def test_trains_the_real_model_end_to_end(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fairseq_siamctc.models.siamctc import SiamCTCModel, SiamCTCModelConfig
+    from tiny_checkpoints import tiny_hubert_checkpoint
+
+    tiny_hubert_checkpoint(tmp_path / "hubert_tiny.pt")
+    model = SiamCTCModel.build_model(
+        OmegaConf.structured(SiamCTCModelConfig(encoder_path=str(tmp_path / "hubert_tiny.pt")))
+    ).train()
+    gen = torch.Generator().manual_seed(0)
+    source, source_pert = torch.randn(2, 16_000, generator=gen), torch.randn(2, 14_000, generator=gen)
+    mask, mask_pert = torch.zeros(2, 16_000, dtype=torch.bool), torch.zeros(2, 14_000, dtype=torch.bool)
+    mask[1, 12_000:], mask_pert[0, 11_000:] = True, True
+    sample = {"id": torch.tensor([0, 1]), "net_input": {
+        "source": source, "padding_mask": mask, "source_pert": source_pert, "padding_mask_pert": mask_pert,
+    }}
+    criterion = make_criterion()
+    criterion.train()
+    loss, sample_size, log = criterion(model, sample)
+    assert sample_size == 2 and torch.isfinite(loss)
+    loss.backward()
+    for name in ("phi.weight", "psi.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("encoder."))
