@@ -4,8 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages: text-to-speech engines and lexicon for the built-in corpus.
-APT_PACKAGES := espeak-ng flite festival festvox-kallpc16k pocketsphinx-en-us pocketsphinx-testdata
-CORPUS_SIZE ?= tiny
+APT_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts \
+	bible-kjv pocketsphinx-en-us pocketsphinx-testdata
+CORPUS_SIZE ?= small
 DEMO_SIZE ?= small
 
 .PHONY: setup sysdeps test corpus demo clean
@@ -33,10 +34,11 @@ test: setup sysdeps
 	$(PY) -m pytest tests
 
 corpus: setup sysdeps
-	$(PY) -m manifests.builtin_corpus --size $(CORPUS_SIZE) --out data/builtin
+	$(PY) -m manifests.builtin_corpus --size $(CORPUS_SIZE) \
+	  --out data/builtin$(if $(filter-out small,$(CORPUS_SIZE)),_$(CORPUS_SIZE))
 
 demo: setup sysdeps
-	@echo "make demo: the end-to-end demo arrives with the recipes work; nothing runs yet." >&2; exit 1
+	$(PY) examples/demo/run_demo.py --size $(DEMO_SIZE)
 
 clean:
 	rm -rf $(VENV) data results
