@@ -30,3 +30,24 @@ def test_broken_draws_are_counted():
 def test_too_few_positions_skip_every_draw(tmp_path):
     with pytest.raises(SystemExit, match="violated condition 2"):
         bound_simulation.main(["--output-dir", str(tmp_path), "--draws", "3", "--length", "2", "--toy-steps", "0"])
+
+
+def test_condition_2_of_a_label_file(tmp_path):
+    labels = tmp_path / "train.phn"
+    # position 1 is always "a", the rest cycles: the position-wise marginals differ
+    labels.write_text("a b c a\na b c a b\na c b a\na b a c\n")
+    bound_simulation.main(["--output-dir", str(tmp_path), "--draws", "5", "--toy-steps", "0", "--label-text", str(labels)])
+    text = (tmp_path / "label_lm_condition2.md").read_text()
+    assert text.startswith("Condition 2 for the 2-gram LM of train.phn (3 labels, N=4): smallest singular value")
+    # symmetric text: both positions have the same label distribution
+    labels.write_text("a b\nb a\n")
+    bound_simulation.main(["--output-dir", str(tmp_path), "--draws", "5", "--toy-steps", "0", "--label-text", str(labels)])
+    text = (tmp_path / "label_lm_condition2.md").read_text()
+    assert "(2 labels, N=2): condition 2 (identifiability) violated" in text and "linearly dependent" in text
+
+
+def test_toy_table_has_every_seed_of_both_starts():
+    text = bound_simulation.toy_markdown(steps=4, seed=7, num_seeds=2)
+    rows = [line for line in text.splitlines() if line.startswith(("| default |", "| stationary |"))]
+    assert [row.split(" | ")[:2] for row in rows] == [["| default", "7"], ["| default", "8"], ["| stationary", "7"], ["| stationary", "8"]]
+    assert rows[-1].endswith("| nan |")

@@ -140,3 +140,17 @@ def test_kl_divergence_and_pinsker_constant():
     assert math.isinf(theory.kl_divergence(q, p).item())
     label_marginals = torch.diag(torch.tensor([0.5, 0.25], dtype=torch.float64))
     assert math.isclose(theory.pinsker_beta(label_marginals).item(), 2 * 2**4 * 4.0**2)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_lm_label_marginals_match_enumeration(order):
+    from fairseq_siamctc.unsupervised.label_lm import NGramLabelLM
+    from fairseq_siamctc.unsupervised.toy import fixed_length_prior
+
+    generator = torch.Generator().manual_seed(order)
+    probs = torch.rand((C + 1,) * order, generator=generator, dtype=torch.float64) + 0.1
+    lm = NGramLabelLM((probs / probs.sum(-1, keepdim=True)).log())
+    length = 4
+    expected = theory.label_marginal_matrix(fixed_length_prior(lm, length), C, length)
+    actual = theory.lm_label_marginals(lm.log_init, lm.log_trans, lm.log_final, lm.state_label, C, length)
+    torch.testing.assert_close(actual, expected)

@@ -5,20 +5,23 @@ matrix with Dirichlet(1) rows, and a model emission ``(1 - t) * true + t * rando
 log-uniform in [1e-3, 1], so that the draws cover distant and close models. For every draw the
 exact error mismatch D_q is compared with the theorem-1 bound, the refined bound (the same
 derivation before its last relaxations) and the Pinsker form. Writes ``bound_simulation.md`` (summary
-table), ``bound_scatter.png`` (D_q against the bounds, with the diagonal) and ``toy_training.md``
-(the toy unsupervised training next to the bound), and prints the tables.
+table), ``bound_scatter.png`` (D_q against the bounds, with the diagonal), ``toy_training.md``
+(the toy unsupervised training next to the bound, with and without condition 2) and, for a label file, ``label_lm_condition2.md``
+(condition 2 and the bound's constant for its n-gram LM), and prints them.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 from pathlib import Path
 
 import torch
 
 from fairseq_siamctc.unsupervised import theory
-from fairseq_siamctc.unsupervised.toy import records_to_markdown, run_toy_experiment
+from fairseq_siamctc.unsupervised.label_lm import NGramLabelLM, read_label_sequences
+from fairseq_siamctc.unsupervised.toy import DEFAULT_START, records_to_markdown, run_toy_experiment, stationary_start
 
 BOUNDS = {"theorem1_bound": "theorem 1", "refined_bound": "refined", "pinsker_bound": "Pinsker form"}
 
@@ -121,6 +124,47 @@ def scatter_plot(reports, path: Path) -> None:
     plt.close(figure)
 
 
+def lm_condition2_markdown(label_text: str, order: int, length: int) -> str:
+    """Condition 2 and the bound's constant for the n-gram LM of a label file (e.g. a ``.phn`` file).
+
+    ``length`` 0 takes the median number of labels a line.
+    """
+    symbols, sequences = read_label_sequences(label_text)
+    if length <= 0:
+        length = int(statistics.median(len(s) for s in sequences))
+    lm = NGramLabelLM.estimate(sequences, len(symbols), order=order)
+    label_marginals = theory.lm_label_marginals(lm.log_init, lm.log_trans, lm.log_final, lm.state_label, len(symbols), length)
+    heading = f"Condition 2 for the {order}-gram LM of {Path(label_text).name} ({len(symbols)} labels, N={length}): "
+    try:
+        singular_values = theory.check_identifiability(label_marginals)
+    except ValueError as violation:
+        return heading + f"{violation}\n"
+    norm = theory.pinv_norm1(label_marginals).item()
+    return heading + (
+        f"smallest singular value of P_C {singular_values[-1].item():.3g}, norm(P_C^+)_1 = {norm:.4g}, "
+        f"so D_q <= {length**2 * norm:.4g} * sum_x abs(pr(x) - q(x)) and D_q^2 <= {theory.pinsker_beta(label_marginals).item():.4g} * KL.\n"
+    )
+
+
+def toy_markdown(steps: int, seed: int, num_seeds: int) -> str:
+    """The toy training with the default start (condition 2 holds) step by step, and the final state
+    over several seeds with the default and with a stationary start (condition 2 violated)."""
+    lines = [
+        "Toy training (|C|=3, |X|=4, N=4, 2000 sequences), bigram LM with its default start (condition 2 holds):",
+        "",
+        records_to_markdown(run_toy_experiment(steps=steps, seed=seed)),
+        f"After {steps} updates, by seed; the stationary start violates condition 2 (no bound):",
+        "",
+        "| start | seed | KL(pr(x)||q(x)) | mismatch D_q | theorem-1 bound |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, start in (("default", DEFAULT_START), ("stationary", stationary_start())):
+        for run_seed in range(seed, seed + num_seeds):
+            final = run_toy_experiment(steps=steps, eval_every=steps, seed=run_seed, start=start)[-1]
+            lines.append(f"| {name} | {run_seed} | {final.kl_divergence:.2e} | {final.error_mismatch:.4f} | {final.theorem1_bound:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="results/bound_simulation", help="where the tables and the plot go")
@@ -130,6 +174,10 @@ def main(argv=None) -> None:
     parser.add_argument("--length", type=int, default=3, help="N")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--toy-steps", type=int, default=300, help="updates of the toy training; 0 skips it")
+    parser.add_argument("--toy-seeds", type=int, default=5, help="seeds of the toy training's final-state table")
+    parser.add_argument("--label-text", help="label file (e.g. train.phn): also check condition 2 for its n-gram LM")
+    parser.add_argument("--lm-order", type=int, default=2, help="n of the n-gram LM of --label-text")
+    parser.add_argument("--lm-length", type=int, default=0, help="N for --label-text; 0: the median labels a line")
     args = parser.parse_args(argv)
     if min(args.draws, args.labels, args.observations, args.length) < 1:
         parser.error("--draws, --labels, --observations and --length must be positive")
@@ -150,9 +198,13 @@ def main(argv=None) -> None:
         scatter_plot(reports, output_dir / "bound_scatter.png")
     print(summary)
     if args.toy_steps > 0:
-        toy = records_to_markdown(run_toy_experiment(steps=args.toy_steps, seed=args.seed))
+        toy = toy_markdown(args.toy_steps, args.seed, args.toy_seeds)
         (output_dir / "toy_training.md").write_text(toy)
         print(toy, end="")
+    if args.label_text:
+        condition2 = lm_condition2_markdown(args.label_text, args.lm_order, args.lm_length)
+        (output_dir / "label_lm_condition2.md").write_text(condition2)
+        print(condition2, end="")
     broken = count_broken(reports)
     if broken:
         raise SystemExit(f"{broken} draws break the bound: a bug or a misreading of theorem 1")

@@ -51,9 +51,9 @@ def sequence_log_likelihood(
     past a length are ignored); the LM as a finite-state machine: log_init (S,), log_trans (S, S),
     log_final (S,), state_label (S,) long (the label each state emits). Returns (B,).
     """
-    dtype = frame_scores.dtype
-    log_init, log_trans, log_final = log_init.to(dtype), log_trans.to(dtype), log_final.to(dtype)
-    emissions = frame_scores[:, :, state_label]  # (B, N, S)
+    like = dict(device=frame_scores.device, dtype=frame_scores.dtype)
+    log_init, log_trans, log_final = log_init.to(**like), log_trans.to(**like), log_final.to(**like)
+    emissions = frame_scores[:, :, state_label.to(frame_scores.device)]  # (B, N, S)
     log_alpha = log_init + emissions[:, 0]
     for frame in range(1, emissions.shape[1]):
         stepped = _log_matmul_exp(log_alpha, log_trans) + emissions[:, frame]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,16 @@ def fixed_length_prior(label_lm: NGramLabelLM, length: int) -> torch.Tensor:
     return torch.stack(log_probs).softmax(dim=0)
 
 
+def stationary_start() -> tuple:
+    """The stationary distribution of the default transitions: as start distribution, it gives every
+    position the same label distribution, so that P_C has rank 1 and condition 2 fails."""
+    transition = torch.tensor(DEFAULT_TRANSITION, dtype=torch.float64)
+    transition = transition / transition.sum(1, keepdim=True)  # the end probability is the same for all labels
+    values, vectors = torch.linalg.eig(transition.T)
+    stationary = vectors[:, values.real.argmax()].real
+    return tuple((stationary / stationary.sum()).tolist())
+
+
 @dataclass
 class ToyRecord:
     """The state of training after ``step`` updates (python floats)."""
@@ -65,17 +76,31 @@ def run_toy_experiment(
     learning_rate: float = 0.05,
     eval_every: int = 25,
     seed: int = 0,
+    start: tuple = DEFAULT_START,
 ) -> list[ToyRecord]:
-    """Trains the emission matrix from units alone; returns the records at steps 0, eval_every, ..., steps."""
+    """Trains the emission matrix from units alone; returns the records at steps 0, eval_every, ..., steps.
+
+    ``start``: the LM's first-label distribution. Where the prior violates condition 2 (e.g. a start
+    distribution that is stationary for the transitions makes every row of P_C the same), training
+    still runs and the bounds are recorded as NaN: theorem 1 does not apply.
+    """
     generator = torch.Generator().manual_seed(seed)
     dtype = torch.float64
-    start, transition, end = (torch.tensor(v, dtype=dtype) for v in (DEFAULT_START, DEFAULT_TRANSITION, DEFAULT_END))
+    start, transition, end = (torch.tensor(v, dtype=dtype) for v in (start, DEFAULT_TRANSITION, DEFAULT_END))
     label_lm = NGramLabelLM.from_bigram(start.log(), transition.log(), end.log())
     true_emission = torch.tensor(DEFAULT_EMISSION, dtype=dtype)
     num_labels, num_units = true_emission.shape
 
     prior = fixed_length_prior(label_lm, length)
-    theory.check_identifiability(theory.label_marginal_matrix(prior, num_labels, length))
+    label_marginals = theory.label_marginal_matrix(prior, num_labels, length)
+    try:
+        theory.check_identifiability(label_marginals)
+        identifiable = True
+    except ValueError:
+        identifiable = False
+    true_conditional = theory.local_conditional(true_emission, length)
+    true_marginal = theory.observation_marginal(prior, true_conditional)
+    bayes_error = theory.sequence_error(prior, true_conditional, theory.decision_rule(prior, true_conditional)).item()
     all_labels = theory.enumerate_sequences(num_labels, length)
     label_index = torch.multinomial(prior, num_sequences, replacement=True, generator=generator)
     labels = all_labels[label_index]  # (S, N)
@@ -90,20 +115,27 @@ def run_toy_experiment(
     for step in range(steps + 1):
         loss = seq_level_cross_entropy(frame_scores_from_table(units, logits.log_softmax(-1)), lengths, label_lm)
         if step % eval_every == 0 or step == steps:
-            model_emission = logits.detach().softmax(-1)
-            report = theory.evaluate_pair(prior, true_emission, model_emission, length)
-            decisions = theory.decision_rule(prior, theory.local_conditional(model_emission, length))
+            model_conditional = theory.local_conditional(logits.detach().softmax(-1), length)
+            model_marginal = theory.observation_marginal(prior, model_conditional)
+            decisions = theory.decision_rule(prior, model_conditional)
+            model_error = theory.sequence_error(prior, true_conditional, decisions).item()
             decided = all_labels[decisions[unit_index]]
             records.append(
                 ToyRecord(
                     step=step,
                     loss=loss.item(),
-                    kl_divergence=report.kl_divergence,
-                    error_mismatch=report.error_mismatch,
-                    model_error=report.model_error,
-                    bayes_error=report.bayes_error,
-                    theorem1_bound=report.theorem1_bound,
-                    refined_bound=report.refined_bound,
+                    kl_divergence=theory.kl_divergence(true_marginal, model_marginal).item(),
+                    error_mismatch=model_error - bayes_error,
+                    model_error=model_error,
+                    bayes_error=bayes_error,
+                    theorem1_bound=(
+                        theory.theorem1_bound(label_marginals, true_marginal, model_marginal).item() if identifiable else math.nan
+                    ),
+                    refined_bound=(
+                        theory.refined_bound(label_marginals, true_marginal, model_marginal, num_units).item()
+                        if identifiable
+                        else math.nan
+                    ),
                     training_sequence_error=(decided != labels).any(1).double().mean().item(),
                     training_label_error=(decided != labels).double().mean().item(),
                 )
