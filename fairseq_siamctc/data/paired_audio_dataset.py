@@ -10,7 +10,8 @@ settings (see :mod:`fairseq_siamctc.data.perturb`). Every random draw comes from
 ``numpy.random.default_rng([seed, epoch, index])`` (validation uses epoch 0 throughout), so the
 views depend neither on the number of loader workers nor on the order of loading, and a resumed
 run sees the views it would have seen. The epoch lives in shared memory so that persistent loader
-workers follow ``set_epoch``.
+workers follow ``set_epoch``. Batching by ``max_tokens`` counts the samples of the original crops;
+the perturbed views add up to ``1 / min(speeds)`` times as many.
 
 Bad input. What can be checked from the manifest fails before training starts; what shows only when
 a file is read mid-run is skipped (and logged with a count) when it concerns one damaged file, and
