@@ -27,12 +27,12 @@ def frame_scores_from_table(units: torch.Tensor, emission_log_probs: torch.Tenso
     return emission_log_probs.transpose(0, 1)[units]
 
 
-def _log_matmul_exp(log_alpha: torch.Tensor, log_trans: torch.Tensor) -> torch.Tensor:
-    """``log(exp(log_alpha) @ exp(log_trans))``: (B, S) x (S, S) -> (B, S)."""
+def _log_matmul_exp(log_alpha: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
+    """``log(exp(log_alpha) @ trans)`` for transition probabilities ``trans``: (B, S) x (S, S) -> (B, S)."""
     shift = log_alpha.amax(dim=1, keepdim=True)
     # an all -inf row (impossible prefix) must stay -inf, not become NaN
     shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
-    probs = (log_alpha - shift).exp() @ log_trans.exp()
+    probs = (log_alpha - shift).exp() @ trans
     # clamping keeps the gradient finite for unreachable states (log 0); their mass stays negligible
     return probs.clamp_min(torch.finfo(probs.dtype).tiny).log() + shift
 
@@ -54,9 +54,10 @@ def sequence_log_likelihood(
     like = dict(device=frame_scores.device, dtype=frame_scores.dtype)
     log_init, log_trans, log_final = log_init.to(**like), log_trans.to(**like), log_final.to(**like)
     emissions = frame_scores[:, :, state_label.to(frame_scores.device)]  # (B, N, S)
+    trans = log_trans.exp()
     log_alpha = log_init + emissions[:, 0]
     for frame in range(1, emissions.shape[1]):
-        stepped = _log_matmul_exp(log_alpha, log_trans) + emissions[:, frame]
+        stepped = _log_matmul_exp(log_alpha, trans) + emissions[:, frame]
         log_alpha = torch.where((frame < lengths)[:, None], stepped, log_alpha)
     return torch.logsumexp(log_alpha + log_final, dim=1)
 
