@@ -45,10 +45,16 @@ def brute_force(log_probs, input_length, target_length):
     return -torch.logsumexp(torch.tensor(scores, dtype=torch.float64), 0).item(), best_path
 
 
-def padded_problem(seed, input_lengths, target_lengths, dtype=torch.float64):
-    """Attention log-probabilities of a padded batch, padded keys at -inf as the objective makes them."""
+def padded_problem(seed, input_lengths, target_lengths, dtype=torch.float64, attention=True):
+    """Log-probabilities of a padded batch, padded keys at -inf as the objective makes them: from
+    attention between random frames, or from peaked random logits (which favour skipping classes)."""
     gen = torch.Generator().manual_seed(seed)
     max_in, max_target = max(input_lengths), max(target_lengths)
+    if not attention:
+        logits = 4 * torch.randn(len(input_lengths), max_in, 1 + max_target, generator=gen, dtype=dtype)
+        key_mask = F.pad(padding_mask(target_lengths, max_target), (1, 0))
+        log_probs = logits.masked_fill(key_mask[:, None, :], -math.inf).log_softmax(-1)
+        return log_probs, torch.tensor(input_lengths), torch.tensor(target_lengths)
     query = torch.randn(len(input_lengths), max_in, 4, generator=gen, dtype=dtype)
     keys = torch.randn(len(input_lengths), max_target, 4, generator=gen, dtype=dtype)
     log_probs = alignment_log_probs(
@@ -83,10 +89,10 @@ def test_alignment_log_probs_blank_column_similarity_and_masks():
         assert log_probs[1, 1, 0] == 0 and torch.isneginf(log_probs[1, 1, 1:]).all()
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_ctc_and_viterbi_equal_brute_force_on_a_padded_batch(seed):
+@pytest.mark.parametrize("seed,attention", [(0, True), (1, True), (2, False), (3, False)])
+def test_ctc_and_viterbi_equal_brute_force_on_a_padded_batch(seed, attention):
     input_lengths, target_lengths = [7, 5, 6, 3, 4, 2], [4, 3, 1, 3, 0, 3]  # the last two: blanks only, infeasible
-    log_probs, in_len, tgt_len = padded_problem(seed, input_lengths, target_lengths)
+    log_probs, in_len, tgt_len = padded_problem(seed, input_lengths, target_lengths, attention=attention)
     nll = frame_ctc_loss(log_probs, in_len, tgt_len)
     path = viterbi_alignment(log_probs, in_len, tgt_len)
     assert path.shape == (6, 7) and path.dtype == torch.long
@@ -263,6 +269,20 @@ def test_tince_term_is_the_average_of_both_branches():
         generator=torch.Generator().manual_seed(4),
     )
     assert weighted["loss"].item() == pytest.approx((0.3 * out["kld"] + 2.0 * out["tince"]).item(), rel=1e-12)
+
+
+def test_objective_gradcheck_on_a_padded_mixed_batch():
+    heads = Heads(3, 5)
+    z, z_pert, mask, pert_mask = views(5, [6, 4], [5, 7], dim=3)  # swapped, plain
+
+    def loss(z, z_pert):
+        out = siamctc_loss(
+            z, z_pert, mask, pert_mask, heads.phi, heads.psi, temperature=0.5, num_negatives=2, min_distance=2,
+            generator=torch.Generator().manual_seed(0),
+        )
+        return out["loss"]
+
+    assert torch.autograd.gradcheck(loss, (z.requires_grad_(), z_pert.requires_grad_()))
 
 
 def all_terms(out):
