@@ -1,0 +1,1 @@
+"""Datasets and signal processing for the two views."""
