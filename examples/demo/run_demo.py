@@ -54,26 +54,27 @@ class Demo:
         self.seconds = {}
 
     # -- running commands -------------------------------------------------------------------
-    def run(self, name, args, threads=2, background=False):
-        """Runs a command with its output in logs/<name>.log; prints fairseq's progress lines."""
+    def run(self, name, args, threads=2, background=False, echo=False):
+        """Runs a command with its output in logs/<name>.log; prints fairseq's progress lines
+        (every line with ``echo``)."""
         log_path = self.logs / f"{name}.log"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                    PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="1")
         log = open(log_path, "w")
         proc = subprocess.Popen([str(a) for a in args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
-        proc.demo_name, proc.demo_log, proc.demo_log_path = name, log, log_path
+        proc.demo_name, proc.demo_log, proc.demo_log_path, proc.demo_echo = name, log, log_path, echo
         return proc if background else self.wait(proc)
 
     def wait(self, proc):
         for line in proc.stdout:
             proc.demo_log.write(line)
-            progress = re.search(r'"num_updates": "(\d+)"', line)
-            if progress and "train_inner" in line:
-                loss = re.search(r'"loss": "([\d.]+)"', line)
-                print(f"  [{proc.demo_name}] update {progress.group(1)}"
+            update = re.search(r'"(?:train_)?num_updates": "(\d+)"', line)
+            if update and ("[train_inner]" in line or "[train]" in line):
+                loss = re.search(r'"(?:train_)?loss": "([\d.]+)"', line)
+                print(f"  [{proc.demo_name}] update {update.group(1)}"
                       + (f", loss {loss.group(1)}" if loss else ""), flush=True)
-            elif line.startswith(("siamctc-", "Summary", "corpus")) or "error" in line.lower():
+            elif proc.demo_echo or line.startswith("siamctc-"):
                 print(f"  [{proc.demo_name}] {line.rstrip()}", flush=True)
         proc.wait()
         proc.demo_log.close()
@@ -103,24 +104,11 @@ class Demo:
     # -- stages ------------------------------------------------------------------------------
     def build_corpus(self):
         self.run("corpus", [PYTHON, "-m", "manifests.builtin_corpus", "--size", self.size,
-                            "--out", self.corpus])
+                            "--out", self.corpus], echo=True)
 
     def units(self):
-        units, features = self.work / "units", self.work / "mfcc"
-        for path in (units, features):
-            path.mkdir(parents=True, exist_ok=True)
-        kmeans = "fairseq/examples/hubert/simple_kmeans"
-        script = [PYTHON, "-m", "fairseq_siamctc.run_script"]
-        for split in ("train", "valid"):
-            self.run(f"mfcc_{split}", [*script, f"{kmeans}/dump_mfcc_feature.py", self.manifests,
-                                       split, 1, 0, features])
-        self.run("kmeans", [*script, f"{kmeans}/learn_kmeans.py", features, "train", 1,
-                            self.work / "kmeans.bin", self.settings["clusters"], "--percent", -1])
-        for split in ("train", "valid"):
-            self.run(f"units_{split}", [*script, f"{kmeans}/dump_km_label.py", features, split,
-                                        self.work / "kmeans.bin", 1, 0, units])
-            (units / f"{split}_0_1.km").rename(units / f"{split}.km")
-        (units / "dict.km.txt").write_text("".join(f"{i} 1\n" for i in range(self.settings["clusters"])))
+        self.run("units", [PYTHON, "-m", "fairseq_siamctc.data.kmeans_units", self.manifests,
+                           self.work / "units", "--clusters", self.settings["clusters"]])
 
     def seed(self):
         updates = self.settings["seed_updates"]
