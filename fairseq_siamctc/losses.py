@@ -137,16 +137,19 @@ def viterbi_alignment(log_probs: Tensor, input_lengths: Tensor, target_lengths: 
 
     # scores of every frame, two -inf columns in front so that the moves by one and two states
     # are plain shifted views; kept whole so each utterance's final scores are read at its last frame
-    history = torch.full((max_in, batch_size, num_states + 2), float("-inf"), dtype=log_probs.dtype, device=device)
+    history = log_probs.new_empty((max_in, batch_size, num_states + 2))
+    history[:, :, :2] = float("-inf")
+    history[0, :, 2:] = float("-inf")
     history[0, :, 2:4] = emissions[:, 0, :2]
     # backpointer = how many states the path moved at frame t (0, 1 or 2)
     moves = torch.zeros((max_in, batch_size, num_states), dtype=torch.uint8, device=device)
     for t in range(1, max_in):
         previous = history[t - 1]
-        candidates = torch.stack([previous[:, 2:], previous[:, 1:-1], previous[:, :-2] + skip_penalty])
-        best, move = candidates.max(0)
+        stay, one, two = previous[:, 2:], previous[:, 1:-1], previous[:, :-2] + skip_penalty
+        best = torch.maximum(stay, one)
+        moves[t] = torch.where(two > best, 2, one > stay)
+        torch.maximum(best, two, out=best)
         torch.add(best, emissions[:, t], out=history[t, :, 2:])
-        moves[t] = move
     frame = torch.arange(max_in, device=device)
     past_end = frame[:, None] >= input_lengths[None, :]
     moves.masked_fill_(past_end[..., None], 0)  # padded frames stay in the final state
