@@ -23,7 +23,7 @@ NUM_UNITS = 20
 
 @pytest.fixture(scope="module")
 def corpus_units(tmp_path_factory):
-    from fairseq_siamctc.unsupervised.kmeans_units import dump_kmeans_units
+    from fairseq_siamctc.data.kmeans_units import dump_kmeans_units
 
     root = tmp_path_factory.mktemp("builtin_units")
     bc.build_corpus(root / "corpus", "tiny", seed=1, workers=2)

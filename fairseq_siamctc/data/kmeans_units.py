@@ -1,11 +1,14 @@
-"""k-means units of a corpus with fairseq's stock HuBERT recipe, as ``{split}.km`` for ``unit_sequence``.
+"""k-means units of a corpus with fairseq's stock HuBERT recipe: ``{split}.km`` and ``dict.km.txt``.
+
+The targets of HuBERT's first pretraining iteration (the demo's seed encoder) and the unit
+sequences of the ``unit_sequence`` task.
 
 Runs the functions of fairseq's ``examples/hubert/simple_kmeans`` scripts in this process, with the
 plugin's fairseq fixes applied (MFCC + deltas at 100 frames a second, ``dump_mfcc_feature.py``;
 scikit-learn mini-batch k-means fitted on one split, ``learn_kmeans.py``; ``dump_km_label.py``) on
 wav2vec-style manifests, and renames their ``{split}_0_1.km`` outputs::
 
-    python -m fairseq_siamctc.unsupervised.kmeans_units MANIFEST_DIR OUT_DIR --clusters 50 --splits train valid
+    python -m fairseq_siamctc.data.kmeans_units MANIFEST_DIR OUT_DIR --clusters 50 --splits train valid
 
 For HuBERT features instead of MFCC run ``dump_hubert_feature.py`` of the same folder by hand; the
 k-means and labelling steps are the same.
@@ -51,7 +54,8 @@ def dump_kmeans_units(
     seed: int = 0,
     n_init: int = 3,
 ) -> dict[str, Path]:
-    """Fits k-means on the MFCC features of ``fit_split`` and writes ``out_dir/{split}.km`` for every split.
+    """Fits k-means on the MFCC features of ``fit_split`` and writes ``out_dir/{split}.km`` for every split,
+    and ``out_dir/dict.km.txt`` (the units 0..k-1, as fairseq's ``hubert_pretraining`` reads them).
 
     ``manifest_dir/{split}.tsv`` are wav2vec manifests. Returns the written paths by split.
     """
@@ -75,6 +79,7 @@ def dump_kmeans_units(
         for split in splits:
             labels.dump_label(features, split, model, 1, 0, work)
             written[split] = Path(shutil.move(f"{work}/{split}_0_1.km", out_dir / f"{split}.km"))
+    (out_dir / "dict.km.txt").write_text("".join(f"{unit} 1\n" for unit in range(num_clusters)))
     return written
 
 
