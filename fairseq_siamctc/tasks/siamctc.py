@@ -1,9 +1,8 @@
 """The ``siamctc`` task: wav2vec manifests in, batches of original and perturbed views out."""
 
-import logging
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
@@ -11,8 +10,6 @@ from omegaconf import II, MISSING
 
 from ..data.paired_audio_dataset import PairedAudioDataset, ViewSettings
 from ..data.perturb import MODES
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,8 +46,17 @@ class SiamCTCConfig(FairseqDataclass):
         default="speed",
         metadata={"help": "speed: resampling, pitch follows the speed factor; tempo: pitch kept"},
     )
-    train_subset: str = II("dataset.train_subset")
-    seed: int = II("common.seed")
+    train_subset: str = field(
+        default=II("dataset.train_subset"),
+        metadata={"help": "the split that gets random crops and new views every epoch; others are fixed"},
+    )
+    seed: int = field(
+        default=II("common.seed"), metadata={"help": "views and crops are drawn from (seed, epoch, utterance)"}
+    )
+
+
+def _floats(values: Optional[List[float]]) -> Optional[Tuple[float, ...]]:
+    return None if values is None else tuple(float(v) for v in values)
 
 
 @register_task("siamctc", dataclass=SiamCTCConfig)
@@ -62,12 +68,11 @@ class SiamCTCTask(FairseqTask):
         return cls(cfg)
 
     def view_settings(self) -> ViewSettings:
-        probs = lambda p: None if p is None else tuple(float(x) for x in p)  # noqa: E731
         return ViewSettings(
-            speeds=tuple(float(x) for x in self.cfg.speeds),
-            speed_probs=probs(self.cfg.speed_probs),
-            semitones=tuple(float(x) for x in self.cfg.semitones),
-            semitone_probs=probs(self.cfg.semitone_probs),
+            speeds=_floats(self.cfg.speeds),
+            speed_probs=_floats(self.cfg.speed_probs),
+            semitones=_floats(self.cfg.semitones),
+            semitone_probs=_floats(self.cfg.semitone_probs),
             mode=str(self.cfg.perturb_mode),
         )
 
