@@ -27,7 +27,8 @@ sample rate other than 16 kHz (without ``resample``)    error naming file and li
 more than one channel                                   error naming file and line
 =====================================================  ==========================================
 
-A skipped item leaves its batch one utterance short (an all-skipped batch is empty, which fairseq
+With ``resample`` the headers are read at loading, and a file whose header cannot be read is an
+error there. A skipped item leaves its batch one utterance short (an all-skipped batch is empty, which fairseq
 treats as a dummy batch).
 """
 
