@@ -115,3 +115,30 @@ def stock_hubert_runs(audio_corpus, tmp_path_factory):
         *CPU_OVERRIDES,
     ], cwd=work)
     return pretrained, work / "finetune" / "checkpoints" / "checkpoint_last.pt", proc.stdout + proc.stderr
+
+
+def missing_debian_packages():
+    """The Debian packages of the built-in corpus that this machine lacks (``make test`` installs them)."""
+    import shutil
+
+    from manifests import builtin_corpus
+
+    return [name for name, present in [
+        ("espeak-ng", shutil.which("espeak-ng")), ("flite", shutil.which("flite")),
+        ("festival", shutil.which("festival")), ("bible-kjv", shutil.which("bible")),
+        ("pocketsphinx-en-us", builtin_corpus.DEBIAN_LEXICON.is_file()),
+        ("pocketsphinx-testdata", (builtin_corpus.DEBIAN_TESTDATA / "librivox").is_dir()),
+    ] if not present]
+
+
+needs_corpus_packages = pytest.mark.skipif(
+    bool(missing_debian_packages()), reason=f"Debian packages missing: {missing_debian_packages()}")
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """The built-in corpus, size tiny, built once per session: (folder, build summary). Read only."""
+    from manifests import builtin_corpus
+
+    out = tmp_path_factory.mktemp("builtin_tiny")
+    return out, builtin_corpus.build_corpus(out, "tiny", seed=1, workers=2)

@@ -5,25 +5,19 @@ the corpus tests are skipped with the list of what is missing.
 """
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+from conftest import needs_corpus_packages
 from manifests import builtin_corpus as bc
 from manifests.make_labels import load_lexicon, normalize_words
 from manifests.make_manifest import read_tsv
 from manifests.tts import Utterance, Voice, synthesize
 
-MISSING = [name for name, present in [
-    ("espeak-ng", shutil.which("espeak-ng")), ("flite", shutil.which("flite")),
-    ("festival", shutil.which("festival")), ("bible-kjv", shutil.which("bible")),
-    ("pocketsphinx-en-us", bc.DEBIAN_LEXICON.is_file()),
-    ("pocketsphinx-testdata", (bc.DEBIAN_TESTDATA / "librivox").is_dir()),
-] if not present]
-pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"Debian packages missing: {MISSING}")
+pytestmark = needs_corpus_packages
 
 SPLITS = ("train", "valid", "test", "test_real")
 SPEEDS = (0.8, 0.9, 1.1, 1.2)
@@ -31,10 +25,8 @@ ALL_MANIFESTS = SPLITS + tuple(f"{s}_sp{v:g}" for s in ("test", "test_real") for
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("builtin")
-    summary = bc.build_corpus(out, "tiny", seed=1, workers=2)
-    return out, summary
+def corpus(tiny_corpus):
+    return tiny_corpus
 
 
 @pytest.fixture(scope="module")

@@ -2,32 +2,23 @@
 phone bigram LM from its .phn labels, trained for a few updates by fairseq-hydra-train."""
 
 import math
-import shutil
 
 import pytest
 
-from conftest import CPU_OVERRIDES, PLUGIN_DIR, run_fairseq
-from manifests import builtin_corpus as bc
+from conftest import CPU_OVERRIDES, PLUGIN_DIR, needs_corpus_packages, run_fairseq
 from test_unsupervised_fairseq import CONFIG_DIR, json_logs
 
-MISSING = [name for name, present in [
-    ("espeak-ng", shutil.which("espeak-ng")), ("flite", shutil.which("flite")),
-    ("festival", shutil.which("festival")), ("bible-kjv", shutil.which("bible")),
-    ("pocketsphinx-en-us", bc.DEBIAN_LEXICON.is_file()),
-    ("pocketsphinx-testdata", (bc.DEBIAN_TESTDATA / "librivox").is_dir()),
-] if not present]
-pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"Debian packages missing: {MISSING}")
+pytestmark = needs_corpus_packages
 
 NUM_UNITS = 20
 
 
 @pytest.fixture(scope="module")
-def corpus_units(tmp_path_factory):
+def corpus_units(tmp_path_factory, tiny_corpus):
     from fairseq_siamctc.data.kmeans_units import dump_kmeans_units
 
     root = tmp_path_factory.mktemp("builtin_units")
-    bc.build_corpus(root / "corpus", "tiny", seed=1, workers=2)
-    manifests = root / "corpus" / "manifests"
+    manifests = tiny_corpus[0] / "manifests"
     dump_kmeans_units(manifests, root / "units", NUM_UNITS, splits=("train", "valid"), seed=0)
     return manifests, root / "units"
 

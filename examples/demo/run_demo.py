@@ -32,21 +32,21 @@ PYTHON = sys.executable
 BIN = pathlib.Path(PYTHON).parent
 SPEEDS = ("0.8", "0.9", "1.0", "1.1", "1.2")
 
-# Sized so that `small` fits 20 minutes on 2 cores and `tiny` a few minutes.
+# Sized so that `small` fits 20 minutes on 2 cores; `tiny` only checks the chain, in a few minutes.
 SIZES = {
-    "tiny": dict(corpus="data/builtin_tiny", work="data/demo_tiny", clusters=20, seed_updates=60,
-                 siamctc_updates=20, finetune_updates=80, warmup=10),
-    "small": dict(corpus="data/builtin", work="data/demo", clusters=100, seed_updates=900,
-                  siamctc_updates=150, finetune_updates=900, warmup=100),
+    "tiny": dict(corpus="builtin_tiny", work="demo_tiny", clusters=20, seed_updates=20,
+                 siamctc_updates=6, finetune_updates=50, warmup=2, max_tokens=100000, batch_size=4),
+    "small": dict(corpus="builtin", work="demo", clusters=100, seed_updates=900,
+                  siamctc_updates=150, finetune_updates=900, warmup=100, max_tokens=320000, batch_size=8),
 }
 
 
 class Demo:
-    def __init__(self, size: str, out: pathlib.Path, force: bool):
+    def __init__(self, size: str, out: pathlib.Path, data_root: pathlib.Path, force: bool):
         self.size, self.settings, self.force = size, SIZES[size], force
-        self.corpus = REPO / self.settings["corpus"]
+        self.corpus = data_root / self.settings["corpus"]
         self.manifests = self.corpus / "manifests"
-        self.work = REPO / self.settings["work"]
+        self.work = data_root / self.settings["work"]
         self.out = out
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -87,7 +87,7 @@ class Demo:
     def stage(self, name, done: pathlib.Path, function):
         start = time.time()
         if done.exists() and not self.force:
-            print(f"== {name}: already done ({done.relative_to(REPO)})", flush=True)
+            print(f"== {name}: already done ({done})", flush=True)
         else:
             print(f"== {name}", flush=True)
             function()
@@ -114,7 +114,7 @@ class Demo:
         updates = self.settings["seed_updates"]
         self.hydra_train("seed", "examples/demo", "seed_hubert", self.work / "seed", [
             f"task.data={self.manifests}", f"task.label_dir={self.work / 'units'}",
-            f"optimization.max_update={updates}",
+            f"optimization.max_update={updates}", f"dataset.max_tokens={self.settings['max_tokens']}",
             f"lr_scheduler.warmup_updates={self.settings['warmup']}",
         ])
 
@@ -122,6 +122,7 @@ class Demo:
         self.hydra_train("siamctc", "examples/siamctc", "tiny", self.work / "siamctc", [
             f"task.data={self.manifests}", f"model.encoder_path={self.seed_checkpoint}",
             f"optimization.max_update={self.settings['siamctc_updates']}",
+            f"dataset.batch_size={self.settings['batch_size']}",
             f"lr_scheduler.warmup_updates={max(1, self.settings['siamctc_updates'] // 5)}",
         ])
         self.run("export", [BIN / "siamctc-export", self.siamctc_checkpoint, self.siamctc_export])
@@ -133,6 +134,7 @@ class Demo:
                              self.work / f"finetune_{name}", [
                                  f"task.data={self.manifests}", f"model.w2v_path={encoder}",
                                  f"optimization.max_update={self.settings['finetune_updates']}",
+                                 f"dataset.max_tokens={self.settings['max_tokens']}",
                                  "common.seed=1"], threads=1, background=True)
             for name, encoder in self.encoders.items()
         ]
@@ -206,11 +208,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--out", type=pathlib.Path, help="results folder (default results/demo[_tiny])")
+    parser.add_argument("--data-root", type=pathlib.Path, default=REPO / "data",
+                        help="where the corpus and the demo's models go (default: data/)")
     parser.add_argument("--force", action="store_true", help="rerun stages whose output exists")
     args = parser.parse_args(argv)
     out = (args.out or REPO / ("results/demo" if args.size == "small" else f"results/demo_{args.size}")).resolve()
     started = time.time()
-    demo = Demo(args.size, out, args.force)
+    demo = Demo(args.size, out, args.data_root.resolve(), args.force)
     demo.stage("corpus", demo.corpus / "corpus.json", demo.build_corpus)
     demo.stage("units", demo.work / "units" / "dict.km.txt", demo.units)
     demo.stage("seed", demo.seed_checkpoint, demo.seed)
