@@ -25,6 +25,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1].parent
@@ -36,8 +37,8 @@ SPEEDS = ("0.8", "0.9", "1.0", "1.1", "1.2")
 SIZES = {
     "tiny": dict(corpus="builtin_tiny", work="demo_tiny", clusters=20, seed_updates=20,
                  siamctc_updates=6, finetune_updates=50, warmup=2, max_tokens=100000, batch_size=4),
-    "small": dict(corpus="builtin", work="demo", clusters=100, seed_updates=900,
-                  siamctc_updates=150, finetune_updates=900, warmup=100, max_tokens=320000, batch_size=8),
+    "small": dict(corpus="builtin", work="demo", clusters=100, seed_updates=800,
+                  siamctc_updates=150, finetune_updates=700, warmup=80, max_tokens=160000, batch_size=8),
 }
 
 
@@ -56,28 +57,33 @@ class Demo:
     # -- running commands -------------------------------------------------------------------
     def run(self, name, args, threads=2, background=False, echo=False):
         """Runs a command with its output in logs/<name>.log; prints fairseq's progress lines
-        (every line with ``echo``)."""
-        log_path = self.logs / f"{name}.log"
+        (every line with ``echo``). A reader thread per command, so that commands running side
+        by side never block on a full pipe."""
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                    PYTHONWARNINGS="ignore", HYDRA_FULL_ERROR="1")
-        log = open(log_path, "w")
         proc = subprocess.Popen([str(a) for a in args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
-        proc.demo_name, proc.demo_log, proc.demo_log_path, proc.demo_echo = name, log, log_path, echo
+        proc.demo_name, proc.demo_log_path = name, self.logs / f"{name}.log"
+        proc.demo_reader = threading.Thread(target=self._pump, args=(proc, echo))
+        proc.demo_reader.start()
         return proc if background else self.wait(proc)
 
+    @staticmethod
+    def _pump(proc, echo):
+        with open(proc.demo_log_path, "w") as log:
+            for line in proc.stdout:
+                log.write(line)
+                update = re.search(r'"(?:train_)?num_updates": "(\d+)"', line)
+                if update and ("[train_inner]" in line or "[train]" in line):
+                    loss = re.search(r'"(?:train_)?loss": "([\d.]+)"', line)
+                    print(f"  [{proc.demo_name}] update {update.group(1)}"
+                          + (f", loss {loss.group(1)}" if loss else ""), flush=True)
+                elif echo or line.startswith("siamctc-"):
+                    print(f"  [{proc.demo_name}] {line.rstrip()}", flush=True)
+
     def wait(self, proc):
-        for line in proc.stdout:
-            proc.demo_log.write(line)
-            update = re.search(r'"(?:train_)?num_updates": "(\d+)"', line)
-            if update and ("[train_inner]" in line or "[train]" in line):
-                loss = re.search(r'"(?:train_)?loss": "([\d.]+)"', line)
-                print(f"  [{proc.demo_name}] update {update.group(1)}"
-                      + (f", loss {loss.group(1)}" if loss else ""), flush=True)
-            elif proc.demo_echo or line.startswith("siamctc-"):
-                print(f"  [{proc.demo_name}] {line.rstrip()}", flush=True)
         proc.wait()
-        proc.demo_log.close()
+        proc.demo_reader.join()
         if proc.returncode != 0:
             tail = proc.demo_log_path.read_text().splitlines()[-30:]
             sys.exit(f"demo: stage {proc.demo_name} failed ({proc.returncode}); "

@@ -13,7 +13,6 @@ table), ``bound_scatter.png`` (D_q against the bounds, with the diagonal), ``toy
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 from fairseq_siamctc.unsupervised import theory
 from fairseq_siamctc.unsupervised.label_lm import NGramLabelLM, read_label_sequences
+from fairseq_siamctc.cli.plotting import pyplot
 from fairseq_siamctc.unsupervised.toy import DEFAULT_START, records_to_markdown, run_toy_experiment, stationary_start
 
 BOUNDS = {"theorem1_bound": "theorem 1", "refined_bound": "refined", "pinsker_bound": "Pinsker form"}
@@ -98,11 +98,7 @@ def count_broken(reports) -> int:
 
 def scatter_plot(reports, path: Path) -> None:
     """D_q against the theorem-1 and refined bounds (log-log), with the diagonal D_q = bound."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     shown = [r for r in reports if r.error_mismatch > 0]
     figure, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
     for axis, name in zip(axes, ("theorem1_bound", "refined_bound")):
@@ -184,8 +180,6 @@ def main(argv=None) -> None:
     if args.labels**args.length * args.observations**args.length > 10**7:
         parser.error("|C|^N * |X|^N above 1e7: the exact enumeration would not fit; use smaller sizes")
     torch.set_num_threads(1)
-    # fairseq's text_to_speech task sets the root logger to DEBUG on import; keep matplotlib quiet
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
