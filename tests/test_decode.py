@@ -87,3 +87,17 @@ def test_robustness_table_json_and_plot(stock_hubert_runs, audio_corpus, tmp_pat
     table = (out / "robustness.md").read_text().splitlines()
     assert table[0] == "| WER (%) | 0.8x | 1.0x | 1.2x |" and len(table) == 4
     assert (out / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_checkpoints_of_the_wrong_kind_are_clear_errors(stock_hubert_runs, audio_corpus, tmp_path, capsys):
+    from fairseq_siamctc.cli import decode, plot_alignment
+
+    pretrained = str(stock_hubert_runs[0])
+    assert decode.main(["--checkpoint", pretrained, "--data", str(audio_corpus), "--split", "valid",
+                        "--labels", "ltr", "--out", str(tmp_path)]) == 1
+    assert "is not a fine-tuned CTC checkpoint" in capsys.readouterr().err
+    assert decode.main(["--checkpoint", str(tmp_path / "missing.pt"), "--data", str(audio_corpus),
+                        "--out", str(tmp_path)]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert plot_alignment.main(["--checkpoint", pretrained, "--audio", "x.wav", "--out", "x.png"]) == 1
+    assert "siamctc" in capsys.readouterr().err

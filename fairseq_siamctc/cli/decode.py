@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import pathlib
+import sys
 from dataclasses import dataclass
 from typing import List, Sequence
 
@@ -51,7 +52,10 @@ class CtcRecognizer:
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
         models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint])
-        dictionary = task.target_dictionary
+        try:
+            dictionary = task.target_dictionary
+        except AttributeError:  # fairseq's task state raises where a task has no such dictionary
+            dictionary = None
         if dictionary is None:
             raise ValueError(f"{checkpoint} is not a fine-tuned CTC checkpoint (its task has no target dictionary)")
         blank_symbol = getattr(task, "blank_symbol", None)
@@ -134,13 +138,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     symbol = args.post_process or ("letter" if args.labels == "ltr" else "none")
-    recognizer = CtcRecognizer.load(args.checkpoint, args.device)
-    for split in args.split:
-        score = decode_split(recognizer, args.data, split, args.labels, args.out, symbol)
-        metric = "WER" if symbol == "letter" else "error rate"
-        print(f"{split}: {metric} {score['error_rate']:.2f}% "
-              f"({score['errors']}/{score['ref_tokens']}, {score['utterances']} utterances)")
+    try:
+        recognizer = CtcRecognizer.load(args.checkpoint, args.device)
+        for split in args.split:
+            score = decode_split(recognizer, args.data, split, args.labels, args.out, symbol)
+            metric = "WER" if symbol == "letter" else "error rate"
+            print(f"{split}: {metric} {score['error_rate']:.2f}% "
+                  f"({score['errors']}/{score['ref_tokens']}, {score['utterances']} utterances)")
+    except (OSError, ValueError) as err:
+        print(f"siamctc-decode: error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,6 +13,7 @@ criterion settings unless given here: the paper warns that results hang on the t
 
 import argparse
 import pathlib
+import sys
 
 import numpy as np
 import soundfile as sf
@@ -21,7 +22,7 @@ import torch
 from ..data.paired_audio_dataset import SAMPLE_RATE, normalize_waveform, read_manifest
 from ..data.perturb import perturb
 from ..losses import alignment_log_probs, viterbi_alignment
-from ..models.checkpoints import SIAMCTC, read_checkpoint
+from ..models.checkpoints import SIAMCTC, CheckpointError, read_checkpoint
 from ..models.siamctc import SiamCTCModel
 from .plotting import pyplot
 
@@ -110,7 +111,11 @@ def main(argv=None):
     parser.add_argument("--out", default="alignment.png")
     args = parser.parse_args(argv)
 
-    checkpoint = read_checkpoint(args.checkpoint, allowed=(SIAMCTC,))
+    try:
+        checkpoint = read_checkpoint(args.checkpoint, allowed=(SIAMCTC,))
+    except (FileNotFoundError, CheckpointError) as err:
+        print(f"siamctc-plot-alignment: error: {err}", file=sys.stderr)
+        return 1
     model = SiamCTCModel.from_checkpoint(checkpoint).eval()
     settings = dict(
         temperature=args.temperature or criterion_setting(checkpoint, "temperature", 2.0),
@@ -126,7 +131,8 @@ def main(argv=None):
     plot(log_probs, path, swapped, args.speed, title, args.out)
     print(f"siamctc-plot-alignment: wrote {args.out} ({log_probs.shape[0]} input frames, "
           f"{log_probs.shape[1] - 1} classes, {np.mean(path == 0):.0%} blank on the path)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

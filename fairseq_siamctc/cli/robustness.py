@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import pathlib
+import sys
 from typing import Dict, Sequence
 
 from .decode import CtcRecognizer, decode_split
@@ -86,8 +87,12 @@ def main(argv=None):
         models[name] = checkpoint
     symbol = "letter" if args.labels == "ltr" else "none"
     metric = "WER" if symbol == "letter" else ("PER" if args.labels == "phn" else "error rate")
-    rates = evaluate(models, args.data, args.test_set, args.labels, args.out, args.factors, symbol,
-                     args.device)
+    try:
+        rates = evaluate(models, args.data, args.test_set, args.labels, args.out, args.factors, symbol,
+                         args.device)
+    except (OSError, ValueError) as err:
+        print(f"siamctc-robustness: error: {err}", file=sys.stderr)
+        return 1
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rates, metric)
@@ -96,7 +101,8 @@ def main(argv=None):
                                                      "error_rates": rates}, indent=2) + "\n")
     plot(rates, metric, f"{metric} on {args.test_set} across speaking rates", str(out / "robustness.png"))
     print(table)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
