@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from typing import List, Sequence
 
 import editdistance
-import soundfile as sf
 import torch
 
 import fairseq_siamctc  # noqa: F401  (registers wavlm_ctc, applies the compatibility fixes)
 from fairseq import checkpoint_utils
 from fairseq.data.data_utils import post_process
 
-from ..data.paired_audio_dataset import SAMPLE_RATE, normalize_waveform, read_manifest
+from ..data.audio import read_audio
+from ..data.paired_audio_dataset import normalize_waveform, read_manifest
 
 logger = logging.getLogger("siamctc.decode")
 
@@ -108,11 +108,10 @@ def decode_split(recognizer: CtcRecognizer, data: str, split: str, labels: str, 
     label_lines = read_lines(pathlib.Path(data) / f"{split}.{labels}", len(manifest.files))
     hypotheses, references = [], []
     for rel_path, line_number, label in zip(manifest.files, manifest.line_numbers, label_lines):
-        path = os.path.join(manifest.root, rel_path)
-        wav, rate = sf.read(path, dtype="float32")
-        if rate != SAMPLE_RATE or wav.ndim != 1:
-            raise ValueError(f"{manifest.path}:{line_number}: {path} must be 16 kHz mono "
-                             f"(got {rate} Hz, shape {wav.shape})")
+        try:
+            wav = read_audio(os.path.join(manifest.root, rel_path))
+        except ValueError as err:
+            raise ValueError(f"{manifest.path}:{line_number}: {err}") from err
         hypotheses.append(recognizer.to_text(recognizer.decode(wav), post_process_symbol))
         references.append(post_process(label, post_process_symbol))
     score = error_rate(hypotheses, references)

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import numpy as np
-import soundfile as sf
-import soxr
 import torch
 
+from fairseq_siamctc.data.audio import read_audio
 from fairseq_siamctc.data.paired_audio_dataset import normalize_waveform, read_manifest
 from fairseq_siamctc.models.checkpoints import SIAMCTC, CheckpointError, read_checkpoint
 from fairseq_siamctc.models.encoders import (
@@ -34,7 +33,6 @@ from fairseq_siamctc.models.encoders import (
 )
 from fairseq_siamctc.models.siamctc import SiamCTCModel, SiamCTCModelConfig
 
-SAMPLE_RATE = 16_000
 PROJECTION_DIM = SiamCTCModelConfig.projection_dim
 
 
@@ -115,17 +113,6 @@ def output_names(files: List[Path]) -> List[str]:
             raise ValueError(f"two inputs would both be written to {path.stem}.npy: {seen[path.stem]} and {path}")
         seen[path.stem] = path
     return [f"{path.stem}.npy" for path in files]
-
-
-def read_audio(path: Path) -> np.ndarray:
-    try:
-        wav, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    except sf.SoundFileError as err:
-        raise ValueError(f"{path}: unreadable audio ({err})") from err
-    if wav.shape[1] != 1:
-        raise ValueError(f"{path}: {wav.shape[1]} channels; the encoders take mono audio")
-    wav = wav[:, 0]
-    return soxr.resample(wav, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else wav
 
 
 def main(argv=None) -> int:

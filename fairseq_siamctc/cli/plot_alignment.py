@@ -16,10 +16,10 @@ import pathlib
 import sys
 
 import numpy as np
-import soundfile as sf
 import torch
 
-from ..data.paired_audio_dataset import SAMPLE_RATE, normalize_waveform, read_manifest
+from ..data.audio import SAMPLE_RATE, read_audio
+from ..data.paired_audio_dataset import normalize_waveform, read_manifest
 from ..data.perturb import perturb
 from ..losses import alignment_log_probs, viterbi_alignment
 from ..models.checkpoints import SIAMCTC, CheckpointError, read_checkpoint
@@ -79,19 +79,13 @@ def plot(log_probs, path, swapped, speed, title, out):
     plt.close(fig)
 
 
-def read_audio(args) -> tuple:
+def utterance_path(args) -> str:
     if args.audio:
-        path, where = args.audio, args.audio
-    else:
-        manifest = read_manifest(args.manifest)
-        if not 0 <= args.index < len(manifest.files):
-            raise SystemExit(f"--index {args.index}: {args.manifest} has {len(manifest.files)} utterances")
-        path = str(pathlib.Path(manifest.root) / manifest.files[args.index])
-        where = f"{args.manifest}:{manifest.line_numbers[args.index]}"
-    wav, rate = sf.read(path, dtype="float32")
-    if rate != SAMPLE_RATE or wav.ndim != 1:
-        raise SystemExit(f"{where}: {path} must be 16 kHz mono (got {rate} Hz, shape {wav.shape})")
-    return wav, pathlib.Path(path).name
+        return args.audio
+    manifest = read_manifest(args.manifest)
+    if not 0 <= args.index < len(manifest.files):
+        raise SystemExit(f"--index {args.index}: {args.manifest} has {len(manifest.files)} utterances")
+    return str(pathlib.Path(manifest.root) / manifest.files[args.index])
 
 
 def main(argv=None):
@@ -122,11 +116,15 @@ def main(argv=None):
         blank_logit=args.blank_logit if args.blank_logit is not None else criterion_setting(checkpoint, "blank_logit", -1.0),
         similarity=args.similarity or str(criterion_setting(checkpoint, "similarity", "cosine")),
     )
-    wav, name = read_audio(args)
-    wav = wav[: int(args.max_seconds * SAMPLE_RATE)]
+    path = utterance_path(args)
+    try:
+        wav = read_audio(path)[: int(args.max_seconds * SAMPLE_RATE)]
+    except ValueError as err:
+        print(f"siamctc-plot-alignment: error: {err}", file=sys.stderr)
+        return 1
     wav_pert = perturb(wav, SAMPLE_RATE, speed=args.speed, semitones=args.semitones, mode=args.mode)
     log_probs, path, swapped = alignment(model, wav, wav_pert, **settings)
-    title = (f"{name}: speed {args.speed:g} ({args.mode}), {args.semitones:+g} semitones, "
+    title = (f"{pathlib.Path(path).name}: speed {args.speed:g} ({args.mode}), {args.semitones:+g} semitones, "
              f"temperature {settings['temperature']:g}")
     plot(log_probs, path, swapped, args.speed, title, args.out)
     print(f"siamctc-plot-alignment: wrote {args.out} ({log_probs.shape[0]} input frames, "

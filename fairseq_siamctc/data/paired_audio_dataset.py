@@ -44,11 +44,10 @@ import soxr
 import torch
 from fairseq.data import FairseqDataset
 
+from .audio import SAMPLE_RATE
 from .perturb import MODES, perturb
 
 logger = logging.getLogger(__name__)
-
-SAMPLE_RATE = 16000
 
 
 class BadAudioError(ValueError):
