@@ -221,3 +221,15 @@ def test_extract_features_of_a_wavlm_checkpoint(audio_dir, tmp_path, capsys):
     assert extract_features.main(["--checkpoint", str(tmp_path / "wavlm.pt"), "--projected", "--out", str(out),
                                   str(audio_dir / "utt_b.wav")]) == 1
     assert "has no 256-dimensional projection of its own" in capsys.readouterr().err
+
+
+def test_plot_alignment_of_a_siamctc_checkpoint(hubert_run, audio_dir, tmp_path, capsys):
+    from fairseq_siamctc.cli import plot_alignment
+
+    out = tmp_path / "alignment.png"
+    assert plot_alignment.main(["--checkpoint", str(hubert_run[1]), "--manifest", str(audio_dir / "list.tsv"),
+                                "--speed", "0.8", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="--index 3: .* has 1 utterances"):
+        plot_alignment.main(["--checkpoint", str(hubert_run[1]), "--manifest", str(audio_dir / "list.tsv"),
+                             "--index", "3", "--out", str(out)])

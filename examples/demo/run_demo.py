@@ -11,6 +11,10 @@
 6. evaluate   decode ``test`` and ``test_real`` and their speed copies (0.8x to 1.2x) greedily, and
               plot the error rates and one SiamCTC alignment.
 
+With ``--control`` a third encoder, ``continued``, goes through steps 5 and 6: the seed after as
+many more HuBERT pretraining updates as SiamCTC's run takes in time, with SiamCTC's learning rate
+and schedule; it tells what training longer alone gives (about 4 minutes more for ``small``).
+
 Writes ``results.json``, ``results.md``, ``robustness.png``, ``robustness_real.png`` and
 ``alignment.png`` to ``--out`` (default ``results/demo``, or ``results/demo_tiny``), and keeps the
 logs of every stage in ``--out/logs``. Stages whose output exists are not run again (``--force``
@@ -36,15 +40,18 @@ SPEEDS = ("0.8", "0.9", "1.0", "1.1", "1.2")
 # Sized so that `small` fits 20 minutes on 2 cores; `tiny` only checks the chain, in a few minutes.
 SIZES = {
     "tiny": dict(corpus="builtin_tiny", work="demo_tiny", clusters=20, seed_updates=20,
-                 siamctc_updates=6, finetune_updates=50, warmup=2, max_tokens=100000, batch_size=4),
+                 siamctc_updates=6, control_updates=14, finetune_updates=50, warmup=2,
+                 max_tokens=100000, batch_size=4),
+    # control_updates: as many seed updates as the SiamCTC updates take on 2 cores (236 s)
     "small": dict(corpus="builtin", work="demo", clusters=100, seed_updates=800,
-                  siamctc_updates=150, finetune_updates=700, warmup=80, max_tokens=160000, batch_size=8),
+                  siamctc_updates=150, control_updates=550, finetune_updates=700, warmup=80,
+                  max_tokens=160000, batch_size=8),
 }
 
 
 class Demo:
-    def __init__(self, size: str, out: pathlib.Path, data_root: pathlib.Path, force: bool):
-        self.size, self.settings, self.force = size, SIZES[size], force
+    def __init__(self, size: str, out: pathlib.Path, data_root: pathlib.Path, force: bool, control: bool):
+        self.size, self.settings, self.force, self.control = size, SIZES[size], force, control
         self.corpus = data_root / self.settings["corpus"]
         self.manifests = self.corpus / "manifests"
         self.work = data_root / self.settings["work"]
@@ -133,8 +140,17 @@ class Demo:
         ])
         self.run("export", [BIN / "siamctc-export", self.siamctc_checkpoint, self.siamctc_export])
 
+    def continued(self):
+        updates = self.settings["control_updates"]
+        self.hydra_train("control", "examples/demo", "seed_hubert", self.work / "control", [
+            f"task.data={self.manifests}", f"task.label_dir={self.work / 'units'}",
+            f"checkpoint.finetune_from_model={self.seed_checkpoint}", f"optimization.max_update={updates}",
+            "optimization.lr=[0.0001]", f"lr_scheduler.warmup_updates={max(1, updates // 5)}",
+            f"dataset.max_tokens={self.settings['max_tokens']}",
+        ])
+
     def finetune(self):
-        # both at once, one thread each: same settings and seed, only the encoder differs
+        # all at once, one thread each: same settings and seed, only the encoder differs
         procs = [
             self.hydra_train(f"finetune_{name}", "examples/finetune", "tiny_phn",
                              self.work / f"finetune_{name}", [
@@ -143,6 +159,7 @@ class Demo:
                                  f"dataset.max_tokens={self.settings['max_tokens']}",
                                  "common.seed=1"], threads=1, background=True)
             for name, encoder in self.encoders.items()
+            if not self.finetuned(name).exists() or self.force
         ]
         for proc in procs:
             self.wait(proc)
@@ -150,7 +167,7 @@ class Demo:
     def evaluate(self):
         models = []
         for name in self.encoders:
-            models += ["--model", f"{name}={self.work / f'finetune_{name}' / 'checkpoints' / 'checkpoint_last.pt'}"]
+            models += ["--model", f"{name}={self.finetuned(name)}"]
         for test_set in ("test", "test_real"):
             self.run(f"decode_{test_set}", [BIN / "siamctc-robustness", *models, "--data", self.manifests,
                                             "--test-set", test_set, "--labels", "phn",
@@ -173,8 +190,18 @@ class Demo:
         return self.work / "siamctc_hubert.pt"
 
     @property
+    def control_checkpoint(self):
+        return self.work / "control" / "checkpoints" / "checkpoint_last.pt"
+
+    @property
     def encoders(self):
-        return {"seed": self.seed_checkpoint, "siamctc": self.siamctc_export}
+        encoders = {"seed": self.seed_checkpoint, "siamctc": self.siamctc_export}
+        if self.control:
+            encoders["continued"] = self.control_checkpoint
+        return encoders
+
+    def finetuned(self, name):
+        return self.work / f"finetune_{name}" / "checkpoints" / "checkpoint_last.pt"
 
     # -- results -----------------------------------------------------------------------------
     def write_results(self, started):
@@ -217,16 +244,20 @@ def main(argv=None):
     parser.add_argument("--data-root", type=pathlib.Path, default=REPO / "data",
                         help="where the corpus and the demo's models go (default: data/)")
     parser.add_argument("--force", action="store_true", help="rerun stages whose output exists")
+    parser.add_argument("--control", action="store_true",
+                        help="also fine-tune and evaluate the seed pretrained for longer (time-matched)")
     args = parser.parse_args(argv)
     out = (args.out or REPO / ("results/demo" if args.size == "small" else f"results/demo_{args.size}")).resolve()
     started = time.time()
-    demo = Demo(args.size, out, args.data_root.resolve(), args.force)
+    demo = Demo(args.size, out, args.data_root.resolve(), args.force, args.control)
     demo.stage("corpus", demo.corpus / "corpus.json", demo.build_corpus)
     demo.stage("units", demo.work / "units" / "dict.km.txt", demo.units)
     demo.stage("seed", demo.seed_checkpoint, demo.seed)
     demo.stage("siamctc", demo.siamctc_export, demo.siamctc)
-    demo.stage("finetune", demo.work / "finetune_siamctc" / "checkpoints" / "checkpoint_last.pt", demo.finetune)
-    demo.stage("evaluate", out / "alignment.png", demo.evaluate)
+    if args.control:
+        demo.stage("control", demo.control_checkpoint, demo.continued)
+    demo.stage("finetune", demo.finetuned(list(demo.encoders)[-1]), demo.finetune)
+    demo.stage("evaluate", out / "results.json", demo.evaluate)
     demo.write_results(started)
 
 

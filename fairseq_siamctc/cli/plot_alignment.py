@@ -116,15 +116,15 @@ def main(argv=None):
         blank_logit=args.blank_logit if args.blank_logit is not None else criterion_setting(checkpoint, "blank_logit", -1.0),
         similarity=args.similarity or str(criterion_setting(checkpoint, "similarity", "cosine")),
     )
-    path = utterance_path(args)
+    audio_path = utterance_path(args)
     try:
-        wav = read_audio(path)[: int(args.max_seconds * SAMPLE_RATE)]
+        wav = read_audio(audio_path)[: int(args.max_seconds * SAMPLE_RATE)]
     except ValueError as err:
         print(f"siamctc-plot-alignment: error: {err}", file=sys.stderr)
         return 1
     wav_pert = perturb(wav, SAMPLE_RATE, speed=args.speed, semitones=args.semitones, mode=args.mode)
     log_probs, path, swapped = alignment(model, wav, wav_pert, **settings)
-    title = (f"{pathlib.Path(path).name}: speed {args.speed:g} ({args.mode}), {args.semitones:+g} semitones, "
+    title = (f"{pathlib.Path(audio_path).name}: speed {args.speed:g} ({args.mode}), {args.semitones:+g} semitones, "
              f"temperature {settings['temperature']:g}")
     plot(log_probs, path, swapped, args.speed, title, args.out)
     print(f"siamctc-plot-alignment: wrote {args.out} ({log_probs.shape[0]} input frames, "
