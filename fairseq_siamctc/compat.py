@@ -16,20 +16,13 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_applied = False
-
-
 def apply() -> None:
-    """Applies every fix once; safe to call again."""
-    global _applied
-    if _applied:
-        return
+    """Applies every fix; each is idempotent, so calling again changes nothing."""
     _allow_fairseq_checkpoint_classes()
     _add_autoregressive_to_hubert_ctc_config()
     _numpy2_mask_sampling()
     _convert_waveform_without_sox()
     _cpu_distributed_training()
-    _applied = True
 
 
 # Fix 1. PyTorch >= 2.6 loads with weights_only=True, which refuses every fairseq checkpoint:

@@ -105,3 +105,16 @@ def test_two_process_cpu_training(audio_corpus, tmp_path):
     assert "as rank 0" in log and "as rank 1" in log
     assert '"num_updates": "2"' in log
     assert (tmp_path / "checkpoints" / "checkpoint_last.pt").exists()
+
+
+def test_applying_the_fixes_again_changes_nothing():
+    from fairseq.distributed import utils as distributed_utils
+    from fairseq.models import MODEL_DATACLASS_REGISTRY
+
+    from fairseq_siamctc import compat
+
+    before = (distributed_utils.call_main, distributed_utils.all_gather_list,
+              MODEL_DATACLASS_REGISTRY["hubert_ctc"], data_utils.np, audio_utils.convert_waveform)
+    compat.apply()
+    assert (distributed_utils.call_main, distributed_utils.all_gather_list,
+            MODEL_DATACLASS_REGISTRY["hubert_ctc"], data_utils.np, audio_utils.convert_waveform) == before

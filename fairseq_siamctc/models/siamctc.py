@@ -178,10 +178,6 @@ class SiamCTCModel(BaseFairseqModel):
         """Whether input waveforms must be normalised to zero mean and unit variance (as the base model was trained)."""
         return normalizes_audio(self.record)
 
-    def encoder_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The base model's own state dict, as the encoder's current weights."""
-        return self.encoder.state_dict()
-
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) encoder features -> (..., projection_dim)."""
         return self.encoder.final_proj(x) if self.uses_encoder_projection else self.projection(x)
