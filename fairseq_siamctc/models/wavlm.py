@@ -158,17 +158,19 @@ def masked_channel_norm(
 ) -> torch.Tensor:
     """Per-channel normalisation over time of x (B, C, T) using only the first ``lengths`` (B,) frames.
 
-    With ``lengths=None`` this is ``GroupNorm(C, C)``. Computed in float32 for half-precision inputs.
+    With ``lengths=None`` this is ``GroupNorm(C, C)``. Computed in float32 for half-precision
+    inputs, in the input's own precision otherwise.
     """
-    xf = x.float()
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    xf, weight, bias = x.to(compute_dtype), weight.to(compute_dtype), bias.to(compute_dtype)
     if lengths is None:
-        return F.group_norm(xf, x.size(1), weight.float(), bias.float(), eps).type_as(x)
+        return F.group_norm(xf, x.size(1), weight, bias, eps).type_as(x)
     valid = (~lengths_to_padding_mask(lengths, x.size(-1))).unsqueeze(1).to(xf.dtype)  # (B, 1, T)
     count = valid.sum(-1, keepdim=True).clamp(min=1.0)
     mean = (xf * valid).sum(-1, keepdim=True) / count
     var = (((xf - mean) * valid) ** 2).sum(-1, keepdim=True) / count
     normed = (xf - mean) * torch.rsqrt(var + eps)
-    return (normed * weight.float()[:, None] + bias.float()[:, None]).type_as(x)
+    return (normed * weight[:, None] + bias[:, None]).type_as(x)
 
 
 def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
