@@ -244,9 +244,11 @@ class PairedAudioDataset(FairseqDataset):
         return int(self.sizes[index])
 
     def ordered_indices(self) -> np.ndarray:
-        # Longest first, ties in random order in training (fairseq seeds numpy here per epoch).
+        # Longest first, ties in an order drawn from the seed alone: fairseq seeds numpy here with
+        # seed + the epoch at which it builds the batches, which a resumed run does at a later epoch,
+        # so drawing from numpy's global state would give a resumed run other batches.
         if self.train:
-            tie_break = np.random.permutation(len(self))
+            tie_break = np.random.default_rng(self.seed).permutation(len(self))
             return np.lexsort((tie_break, self.sizes))[::-1].copy()
         return np.argsort(self.sizes, kind="stable")[::-1].copy()
 
