@@ -26,14 +26,20 @@ from omegaconf import OmegaConf
 from .checkpoints import HUBERT, WAVLM, Checkpoint, CheckpointError, hubert_label_set_sizes, label_dictionary, plain
 from .wavlm import WavLM, WavLMConfig, conv_output_lengths, lengths_to_padding_mask, masked_channel_norm
 
-# encoder settings a SiamCTC config may override (same names in HuBERT's and WavLM's configs)
-OVERRIDABLE = ("dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop", "dropout_input", "mask_prob")
+# encoder settings a SiamCTC config may override (same names in HuBERT's and WavLM's configs);
+# checkpoint_activations: HuBERT through fairseq's own layer wrapper, WavLM through its own
+OVERRIDABLE = (
+    "dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop", "dropout_input", "mask_prob",
+    "checkpoint_activations",
+)
 
 
 def encoder_record(checkpoint: Checkpoint) -> Dict[str, Any]:
     """What a SiamCTC model keeps of its base checkpoint to rebuild (and export) the encoder later."""
     if checkpoint.kind == HUBERT:
-        return {"kind": HUBERT, "cfg": plain(checkpoint.cfg), "label_set_sizes": hubert_label_set_sizes(checkpoint)}
+        # a HuBERT read from Hugging Face has no final_proj: none is invented (see build_encoder)
+        return {"kind": HUBERT, "cfg": plain(checkpoint.cfg), "label_set_sizes": hubert_label_set_sizes(checkpoint),
+                "final_proj": "final_proj.weight" in checkpoint.model}
     if checkpoint.kind == WAVLM:
         return {"kind": WAVLM, "cfg": dict(checkpoint.cfg), "label_set_sizes": None}
     raise CheckpointError(f"{checkpoint.path}: a {checkpoint.kind} checkpoint holds no base encoder")
@@ -51,7 +57,10 @@ def build_encoder(record: Dict[str, Any], overrides: Optional[Dict[str, Any]] = 
         hubert_cfg = merge_with_parent(HubertConfig(), OmegaConf.create(model_cfg), remove_missing=True)
         sizes = record["label_set_sizes"]
         dictionaries = [None] if sizes is None else [label_dictionary(n) for n in sizes]
-        return HubertModel(hubert_cfg, cfg.task, dictionaries)
+        model = HubertModel(hubert_cfg, cfg.task, dictionaries)
+        if not record.get("final_proj", True):
+            model.final_proj = None
+        return model
     if record["kind"] == WAVLM:
         return WavLM(WavLMConfig.from_dict({**record["cfg"], **overrides}))
     raise CheckpointError(f"unknown encoder kind {record['kind']!r}")

@@ -64,6 +64,9 @@ class SiamCTCModelConfig(FairseqDataclass):
     feature_grad_mult: float = field(
         default=1.0, metadata={"help": "gradient scale into the feature extractor when it is not frozen"}
     )
+    checkpoint_activations: bool = field(
+        default=False, metadata={"help": "recompute each transformer layer in the backward pass: less memory, more time"}
+    )
 
 
 def pad_views(

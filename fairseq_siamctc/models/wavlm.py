@@ -38,6 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from fairseq.data.data_utils import compute_mask_indices
 from fairseq.modules import Fp32LayerNorm, GradMultiply, SamePad, TransposeLast
 from fairseq.utils import get_activation_fn
@@ -97,6 +98,10 @@ class WavLMConfig:
     num_buckets: int = field(default=320, metadata={"help": "relative position buckets (both directions)"})
     max_distance: int = field(default=800, metadata={"help": "offset (frames) at which the buckets saturate"})
     gru_rel_pos: bool = field(default=True, metadata={"help": "gate the relative position bias"})
+    checkpoint_activations: bool = field(
+        default=False,
+        metadata={"help": "training only: recompute each transformer layer in the backward pass (less memory, more time)"},
+    )
 
     @classmethod
     def from_dict(cls, values: Dict, source: str = "cfg") -> "WavLMConfig":
@@ -346,6 +351,7 @@ class WavLMTransformerEncoder(nn.Module):
         self.layer_norm = nn.LayerNorm(cfg.encoder_embed_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.layerdrop = cfg.encoder_layerdrop
+        self.checkpoint_activations = cfg.checkpoint_activations
         self.apply(_init_bert_params)
 
     def forward(
@@ -365,9 +371,15 @@ class WavLMTransformerEncoder(nn.Module):
         x = self.dropout(x)
         position_bias = self.layers[0].self_attn.compute_position_bias(x.size(1)) if self.relative_position_embedding else None
         layer_results = [x]
+        # non-reentrant checkpointing restores the dropout RNG and autocast state in the recomputation
+        # and passes the gradient of the shared position bias through to layer 1's table
+        checkpointed = self.checkpoint_activations and torch.is_grad_enabled()
         for layer in self.layers[: len(self.layers) if output_layer is None else output_layer]:
             if not (self.training and self.layerdrop > 0 and torch.rand(()).item() < self.layerdrop):
-                x = layer(x, padding_mask, position_bias)
+                if checkpointed:
+                    x = torch.utils.checkpoint.checkpoint(layer, x, padding_mask, position_bias, use_reentrant=False)
+                else:
+                    x = layer(x, padding_mask, position_bias)
             layer_results.append(x)
         if self.layer_norm_first and output_layer is None:
             x = self.layer_norm(x)
