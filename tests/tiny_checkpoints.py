@@ -97,12 +97,13 @@ def tiny_hubert_checkpoint(path, n_units: int = 20, seed: int = 0, **model_overr
 def tiny_wavlm_checkpoint(path, seed: int = 0, **overrides) -> WavLM:
     """Writes a converted-format WavLM checkpoint to ``path`` and returns the model it holds."""
     torch.manual_seed(seed)
-    cfg = WavLMConfig.from_dict(dict(
+    values = dict(
         extractor_mode="default", encoder_layers=2, encoder_embed_dim=32, encoder_ffn_embed_dim=48,
         encoder_attention_heads=4, conv_feature_layers=TINY_CONV, conv_pos=8, conv_pos_groups=4,
         num_buckets=16, max_distance=40, dropout=0.1, attention_dropout=0.1, dropout_input=0.1,
-        feature_grad_mult=0.1, **overrides,
-    )).to_dict()
+        feature_grad_mult=0.1,
+    )
+    cfg = WavLMConfig.from_dict({**values, **overrides}).to_dict()
     model = WavLM(cfg)
     with torch.no_grad():
         for name, param in model.named_parameters():
