@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 
 from fairseq_siamctc.cli import robustness
-from fairseq_siamctc.cli.decode import CtcRecognizer, decode_split, error_rate
+from fairseq_siamctc.cli.decode import CtcRecognizer, decode_split, default_post_process, error_rate, metric_name
 
 
 def naive_edit_distance(a, b):
@@ -54,7 +54,10 @@ def test_decode_split_writes_aligned_hypotheses(stock_hubert_runs, audio_corpus,
     assert len(refs) == len(hyps) == 2
     assert refs[0] == " ".join("".join(w.split()) for w in
                                (audio_corpus / "valid.ltr").read_text().splitlines()[0].split("|")).strip()
-    assert score == {**error_rate(hyps, refs), "split": "valid", "labels": "ltr"}
+    assert {k: v for k, v in score.items() if k != "throughput"} == {
+        **error_rate(hyps, refs), "metric": "WER", "split": "valid", "labels": "ltr"}
+    assert score["throughput"]["audio_seconds"] == pytest.approx(
+        sum(int(line.split("\t")[1]) for line in (audio_corpus / "valid.tsv").read_text().splitlines()[1:]) / 16000)
     assert json.loads((tmp_path / "valid.json").read_text())["error_rate"] == score["error_rate"]
 
 
@@ -83,6 +86,10 @@ def test_robustness_table_json_and_plot(stock_hubert_runs, audio_corpus, tmp_pat
     assert list(rates["a"]) == ["0.8", "1.0", "1.2"]
     # identical audio under three names, decoded by the same model: identical rates
     assert len({*rates["a"].values(), *rates["b"].values()}) == 1
+    # batches give what one at a time gives
+    robustness.main(["--model", f"a={stock_hubert_runs[1]}", "--data", str(data), "--test-set", "valid",
+                     "--labels", "ltr", "--factors", "1.0", "--batch-size", "1", "--out", str(tmp_path / "one")])
+    assert (tmp_path / "one" / "a" / "valid.hyp").read_text() == (out / "a" / "valid.hyp").read_text()
     table = (out / "robustness.md").read_text().splitlines()
     assert table[0] == "| WER (%) | 0.8x | 1.0x | 1.2x |" and len(table) == 4
     assert (out / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -100,3 +107,34 @@ def test_checkpoints_of_the_wrong_kind_are_clear_errors(stock_hubert_runs, audio
     assert "checkpoint not found" in capsys.readouterr().err
     assert plot_alignment.main(["--checkpoint", pretrained, "--audio", "x.wav", "--out", "x.png"]) == 1
     assert "siamctc" in capsys.readouterr().err
+
+
+def test_metric_names_are_the_same_everywhere():
+    assert metric_name("phn", "none") == "PER"
+    assert metric_name("ltr", "letter") == metric_name("spm", "sentencepiece") == metric_name("wrd", "none") == "WER"
+    assert metric_name("ltr", "none") == metric_name("km", "none") == "UER"
+    assert default_post_process("ltr") == "letter" and default_post_process("spm") == "sentencepiece"
+    assert default_post_process("phn") == "none"
+
+
+def test_robustness_post_process_scores_letters_as_units(stock_hubert_runs, audio_corpus, tmp_path):
+    out = tmp_path / "out"
+    assert robustness.main(["--model", f"a={stock_hubert_runs[1]}", "--data", str(audio_corpus), "--test-set",
+                            "valid", "--labels", "ltr", "--post-process", "none", "--factors", "1.0",
+                            "--out", str(out)]) == 0
+    result = json.loads((out / "robustness.json").read_text())
+    refs = (out / "a" / "valid.ref").read_text().splitlines()
+    hyps = (out / "a" / "valid.hyp").read_text().splitlines()
+    assert result["metric"] == "UER" and "|" in refs[0]  # letters and boundaries, not words
+    assert result["error_rates"]["a"]["1.0"] == pytest.approx(error_rate(hyps, refs)["error_rate"])
+
+
+@pytest.mark.parametrize("tool", ["decode", "robustness"])
+def test_every_option_has_help_text(tool):
+    from fairseq_siamctc.cli import decode
+
+    parser = (decode if tool == "decode" else robustness).build_parser()
+    options = {action.dest: action.help for action in parser._actions}
+    assert {"device", "batch_size", "max_tokens", "post_process", "labels"} <= set(options)
+    assert [dest for dest, help_text in options.items() if not help_text] == []
+    assert parser.get_default("device") == decode.default_device()

@@ -1,41 +1,82 @@
-"""Greedy (Viterbi) CTC decoding of a manifest split with a fine-tuned fairseq model, and scoring.
+"""CTC decoding of a manifest split with a fine-tuned fairseq model, and scoring.
 
     siamctc-decode --checkpoint ft/checkpoint_best.pt --data DIR --split test --labels phn --out OUT
+    siamctc-decode ... --lexicon LEX --lm LM.arpa [--beam 50 --lm-weight 2 --word-score 0]
 
-reads ``DIR/{split}.tsv`` and ``DIR/{split}.{labels}``, decodes every utterance on its own (a
-batch of one: with a group-norm CNN, padding changes the features, so the result must not depend on
-how utterances are batched), and writes ``OUT/{split}.hyp``, ``OUT/{split}.ref`` (one line per
-utterance, in manifest order) and ``OUT/{split}.json`` with the error rate.
+reads ``DIR/{split}.tsv`` and ``DIR/{split}.{labels}``, decodes every utterance greedily (best
+path), and writes ``OUT/{split}.hyp``, ``OUT/{split}.ref`` (one line per utterance, in manifest
+order) and ``OUT/{split}.json`` with the error rate and the throughput.
 
-The error rate is as fairseq's ``ctc`` criterion and SUPERB compute it: the edit distance summed
-over the split divided by the summed reference length, in per cent. Tokens are the label file's
-symbols (phonemes for ``.phn``: PER); with ``--post-process letter`` (``.ltr`` labels) they are the
-words after joining letters at ``|`` (WER).
+Batches. Utterances are decoded in length-sorted batches, and each utterance's result is exactly
+the one it gets alone: the group-norm statistics of the first convolution come from its own frames
+and padded frames are blank before the argmax (``fairseq_siamctc.decoding``). A model that is not
+known to allow that is decoded one utterance at a time.
+
+Language model. With ``--lexicon`` (and usually ``--lm``, an ARPA or binary KenLM model), a
+lexicon-constrained beam search (flashlight's, through torchaudio; ``fairseq_siamctc.lm_decoding``)
+runs next to the greedy decoding and its words go to ``OUT/{split}.lm.hyp`` and ``.lm.ref``, its
+WER to the json's ``lm`` entry. The word references are the labels themselves when they score as
+words (``ltr``, ``wrd``, sentencepiece), else ``DIR/{split}.wrd``.
+
+Scores are as fairseq's ``ctc`` criterion and SUPERB compute them: the edit distance summed over
+the split divided by the summed reference length, in per cent. Tokens are the label file's symbols
+after ``--post-process``: PER for ``.phn``, WER where the post-processing gives words (``letter``
+for ``.ltr`` at ``|``, ``sentencepiece``, ...), UER (unit error rate) otherwise.
 
 Any fine-tuned CTC model that fairseq loads works: ``hubert_ctc``, ``wav2vec_ctc`` and the plugin's
 ``wavlm_ctc``. The target dictionary comes from the checkpoint's task state.
 """
 
 import argparse
+import concurrent.futures
 import json
 import logging
 import os
 import pathlib
 import sys
+import time
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import editdistance
+import numpy as np
 import torch
+import tqdm
 
 import fairseq_siamctc  # noqa: F401  (registers wavlm_ctc, applies the compatibility fixes)
 from fairseq import checkpoint_utils
 from fairseq.data.data_utils import post_process
 
 from ..data.audio import read_audio
-from ..data.paired_audio_dataset import normalize_waveform, read_manifest
+from ..data.paired_audio_dataset import normalize_waveform, pad_waveforms, read_manifest
+from ..decoding import greedy_ctc, length_sorted_batches, padding_independent, padding_independent_logits
+from ..lm_decoding import WORD_BOUNDARY, LMDecoderOptions, build_lm_decoder, lm_decode
 
 logger = logging.getLogger("siamctc.decode")
+
+SAMPLE_RATE = 16_000
+BATCH_SIZE = 16
+MAX_TOKENS = 1_600_000  # samples in a padded batch: 100 s of audio
+# fairseq post_process symbols whose output is words
+WORD_POST_PROCESS = ("letter", "sentencepiece", "wordpiece", "_EOW", "subword_nmt", "@@ ", "@@")
+# label file extensions with their own post-processing
+DEFAULT_POST_PROCESS = {"ltr": "letter", "spm": "sentencepiece"}
+
+
+def default_device() -> str:
+    """The device every evaluation tool uses unless told: CUDA when present."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_post_process(labels: str) -> str:
+    return DEFAULT_POST_PROCESS.get(labels, "none")
+
+
+def metric_name(labels: str, post_process_symbol: str) -> str:
+    """WER where the scored tokens are words, PER for phonemes, else UER (unit error rate)."""
+    if post_process_symbol in WORD_POST_PROCESS or labels == "wrd":
+        return "WER"
+    return "PER" if labels == "phn" else "UER"
 
 
 @dataclass
@@ -48,7 +89,7 @@ class CtcRecognizer:
     blank_index: int
 
     @classmethod
-    def load(cls, checkpoint: str, device: str = "cpu") -> "CtcRecognizer":
+    def load(cls, checkpoint: str, device: Optional[str] = None) -> "CtcRecognizer":
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
         models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint])
@@ -60,21 +101,61 @@ class CtcRecognizer:
             raise ValueError(f"{checkpoint} is not a fine-tuned CTC checkpoint (its task has no target dictionary)")
         blank_symbol = getattr(task, "blank_symbol", None)
         blank_index = dictionary.index(blank_symbol) if blank_symbol else dictionary.bos()
-        model = models[0].to(device).eval()
+        model = models[0].to(device or default_device()).eval()
         return cls(model, dictionary, bool(cfg.task.get("normalize", False)), blank_index)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def batched(self) -> bool:
+        """Whether padded batches give each utterance's batch-of-one result (else batch size 1)."""
+        return padding_independent(self.model)
+
+    @property
+    def removed(self) -> Tuple[int, int]:
+        """Indices that are never output: padding and end of sentence (the blank is removed anyway)."""
+        return self.dictionary.pad(), self.dictionary.eos()
+
+    @property
+    def silence_index(self) -> int:
+        """The beam search's silence: the word boundary ``|`` of letter units, else ``</s>``."""
+        return self.dictionary.index(WORD_BOUNDARY) if WORD_BOUNDARY in self.dictionary.indices else self.dictionary.eos()
 
     @torch.no_grad()
     def decode(self, wav) -> List[int]:
-        """Mono float waveform (N,) at 16 kHz -> label indices of the greedy CTC path."""
+        """One utterance through the model's own forward: mono float waveform (N,) at 16 kHz -> label
+        indices of the greedy CTC path. The one-at-a-time reference for ``decode_batch``."""
         if self.normalize:
             wav = normalize_waveform(wav)
-        device = next(self.model.parameters()).device
-        source = torch.as_tensor(wav, dtype=torch.float32, device=device)[None]
+        source = torch.as_tensor(wav, dtype=torch.float32, device=self.device)[None]
         net_output = self.model(source=source, padding_mask=None)
-        logits = net_output["encoder_out"][:, 0]  # (T, V)
-        path = logits.argmax(dim=-1).unique_consecutive()
-        drop = torch.tensor([self.blank_index, self.dictionary.pad(), self.dictionary.eos()], device=device)
-        return path[~torch.isin(path, drop)].tolist()
+        logits = self.model.get_logits(net_output).transpose(0, 1)  # (1, T, V)
+        lengths = torch.tensor([logits.size(1)], device=self.device)
+        return greedy_ctc(logits, lengths, self.blank_index, self.removed)[0]
+
+    @torch.no_grad()
+    def logits(self, wavs: Sequence[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """B waveforms -> logits (B, T, V) and valid frames (B,), each utterance's as if alone."""
+        if self.normalize:
+            wavs = [normalize_waveform(wav) for wav in wavs]
+        if not self.batched:
+            if len(wavs) != 1:
+                raise ValueError(f"{type(self.model).__name__} is decoded one utterance at a time")
+            source = torch.as_tensor(wavs[0], dtype=torch.float32, device=self.device)[None]
+            logits = self.model.get_logits(self.model(source=source, padding_mask=None)).transpose(0, 1)
+            return logits, torch.tensor([logits.size(1)], device=self.device)
+        source, padding_mask = pad_waveforms([torch.from_numpy(np.asarray(w, dtype=np.float32)) for w in wavs])
+        return padding_independent_logits(self.model, source.to(self.device), padding_mask.to(self.device))
+
+    def decode_batch(self, wavs: Sequence[np.ndarray]) -> List[List[int]]:
+        """B waveforms -> B greedy label sequences, each exactly as ``decode`` gives it."""
+        logits, lengths = self.logits(wavs)
+        return greedy_ctc(logits, lengths, self.blank_index, self.removed)
+
+    def lm_decoder(self, options: LMDecoderOptions):
+        return build_lm_decoder(self.dictionary.symbols, self.blank_index, self.silence_index, options)
 
     def to_text(self, indices: Sequence[int], post_process_symbol: str) -> str:
         return post_process(self.dictionary.string(indices), post_process_symbol)
@@ -101,49 +182,175 @@ def read_lines(path: pathlib.Path, expected: int) -> List[str]:
     return lines
 
 
+def write_atomic(path: pathlib.Path, text: str) -> None:
+    """Writes a file whole or not at all (a temporary file in the same folder, then renamed)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass
+class LanguageModel:
+    """A built beam-search decoder with the options it was built from (for the json)."""
+
+    decoder: object
+    options: LMDecoderOptions
+
+    @classmethod
+    def load(cls, recognizer: CtcRecognizer, options: LMDecoderOptions) -> "LanguageModel":
+        return cls(recognizer.lm_decoder(options), options)
+
+
 def decode_split(recognizer: CtcRecognizer, data: str, split: str, labels: str, out_dir: str,
-                 post_process_symbol: str = "none") -> dict:
+                 post_process_symbol: str = "none", batch_size: int = BATCH_SIZE,
+                 max_tokens: int = MAX_TOKENS, language_model: Optional[LanguageModel] = None,
+                 progress: bool = True) -> dict:
     """Decodes ``data/{split}.tsv``, writes ``.hyp``/``.ref``/``.json`` under out_dir, returns the score."""
     manifest = read_manifest(os.path.join(data, f"{split}.tsv"))
-    label_lines = read_lines(pathlib.Path(data) / f"{split}.{labels}", len(manifest.files))
-    hypotheses, references = [], []
-    for rel_path, line_number, label in zip(manifest.files, manifest.line_numbers, label_lines):
-        try:
-            wav = read_audio(os.path.join(manifest.root, rel_path))
-        except ValueError as err:
-            raise ValueError(f"{manifest.path}:{line_number}: {err}") from err
-        hypotheses.append(recognizer.to_text(recognizer.decode(wav), post_process_symbol))
-        references.append(post_process(label, post_process_symbol))
-    score = error_rate(hypotheses, references)
-    score.update(split=split, labels=labels)
+    count = len(manifest.files)
+    label_lines = read_lines(pathlib.Path(data) / f"{split}.{labels}", count)
+    metric = metric_name(labels, post_process_symbol)
+    references = [post_process(label, post_process_symbol) for label in label_lines]
+    if language_model is not None:  # the LM's output is words: word references
+        word_references = (references if metric == "WER" else
+                           [" ".join(line.split()) for line in read_lines(pathlib.Path(data) / f"{split}.wrd", count)])
+
+    def load(batch: List[int]) -> List[np.ndarray]:
+        wavs = []
+        for index in batch:
+            try:
+                wavs.append(read_audio(os.path.join(manifest.root, manifest.files[index])))
+            except ValueError as err:
+                raise ValueError(f"{manifest.path}:{manifest.line_numbers[index]}: {err}") from err
+        return wavs
+
+    batches = length_sorted_batches(manifest.num_samples, batch_size if recognizer.batched else 1, max_tokens)
+    hypotheses: List[Optional[str]] = [None] * count
+    lm_words: List[Optional[str]] = [None] * count
+    lm_units: List[Optional[str]] = [None] * count
+    audio_samples = 0
+    start = time.perf_counter()
+    # reading the next batch's audio overlaps with decoding this one
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader, \
+            tqdm.tqdm(total=count, desc=split, unit="utt", disable=None if progress else True,
+                      leave=False) as bar:
+        pending = reader.submit(load, batches[0]) if batches else None
+        for number, batch in enumerate(batches):
+            wavs = pending.result()
+            if number + 1 < len(batches):
+                pending = reader.submit(load, batches[number + 1])
+            audio_samples += sum(len(w) for w in wavs)
+            with torch.no_grad():
+                logits, lengths = recognizer.logits(wavs)
+                paths = greedy_ctc(logits, lengths, recognizer.blank_index, recognizer.removed)
+                if language_model is not None:
+                    searched = lm_decode(language_model.decoder, torch.log_softmax(logits.float(), dim=-1), lengths)
+            for i, index in enumerate(batch):
+                hypotheses[index] = recognizer.to_text(paths[i], post_process_symbol)
+                if language_model is not None:
+                    words, units = searched[i]
+                    lm_words[index] = " ".join(words)
+                    lm_units[index] = recognizer.to_text(units, post_process_symbol)
+            bar.update(len(batch))
+    seconds = time.perf_counter() - start
+    score = {"metric": metric, **error_rate(hypotheses, references), "split": split, "labels": labels}
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{split}.hyp").write_text("\n".join(hypotheses) + "\n", encoding="utf-8")
-    (out / f"{split}.ref").write_text("\n".join(references) + "\n", encoding="utf-8")
-    (out / f"{split}.json").write_text(json.dumps(score, indent=2) + "\n")
+    write_atomic(out / f"{split}.hyp", "\n".join(hypotheses) + "\n")
+    write_atomic(out / f"{split}.ref", "\n".join(references) + "\n")
+    if language_model is not None:
+        options = language_model.options
+        score["lm"] = {"metric": "WER", **error_rate(lm_words, word_references),
+                       "units": {"metric": metric, **error_rate(lm_units, references)},
+                       "lexicon": options.lexicon, "lm": options.lm, "beam": options.beam,
+                       "beam_threshold": options.beam_threshold, "lm_weight": options.lm_weight,
+                       "word_score": options.word_score, "sil_score": options.sil_score}
+        write_atomic(out / f"{split}.lm.hyp", "\n".join(lm_words) + "\n")
+        write_atomic(out / f"{split}.lm.ref", "\n".join(word_references) + "\n")
+    audio_seconds = audio_samples / SAMPLE_RATE
+    score["throughput"] = {
+        "seconds": seconds, "audio_seconds": audio_seconds, "utterances_per_second": count / max(seconds, 1e-9),
+        "real_time_factor": seconds / max(audio_seconds, 1e-9), "batches": len(batches),
+        "device": str(recognizer.device),
+    }
+    write_atomic(out / f"{split}.json", json.dumps(score, indent=2) + "\n")
     return score
 
 
-def main(argv=None):
+def summary(score: dict) -> str:
+    """One line: the error rate(s) and the throughput of a decoded split."""
+    line = (f"{score['split']}: {score['metric']} {score['error_rate']:.2f}% "
+            f"({score['errors']}/{score['ref_tokens']}, {score['utterances']} utterances)")
+    if "lm" in score:
+        lm = score["lm"]
+        line += f"; with the LM: WER {lm['error_rate']:.2f}% ({lm['errors']}/{lm['ref_tokens']})"
+        if lm["units"]["metric"] != "WER":
+            line += f", {lm['units']['metric']} {lm['units']['error_rate']:.2f}%"
+    speed = score["throughput"]
+    return (line + f"; {speed['audio_seconds']:.1f} s of audio in {speed['seconds']:.1f} s on "
+            f"{speed['device']}: {speed['utterances_per_second']:.1f} utt/s, real-time factor "
+            f"{speed['real_time_factor']:.3f}")
+
+
+def add_decoding_options(parser: argparse.ArgumentParser) -> None:
+    """Options that siamctc-decode and siamctc-robustness share."""
+    parser.add_argument("--labels", default="phn",
+                        help="label file extension: phn (scored as PER), ltr (WER), wrd, spm, ... (default: phn)")
+    parser.add_argument("--post-process", default=None,
+                        help="fairseq post_process symbol applied to hypotheses and references "
+                             "(letter, sentencepiece, none, ...); default: letter for ltr, sentencepiece for "
+                             "spm, else none")
+    parser.add_argument("--device", default=default_device(),
+                        help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help=f"most utterances in a batch; 1 decodes one at a time (default: {BATCH_SIZE})")
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
+                        help=f"most audio samples in a padded batch (default: {MAX_TOKENS}, 100 s at 16 kHz)")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="fine-tuned CTC checkpoint")
     parser.add_argument("--data", required=True, help="directory of {split}.tsv and label files")
-    parser.add_argument("--split", nargs="+", default=["test"], help="one or more splits")
-    parser.add_argument("--labels", default="phn", help="label file extension (phn, ltr, ...)")
-    parser.add_argument("--post-process", default=None,
-                        help="fairseq post_process symbol; default: 'letter' for ltr, else 'none'")
+    parser.add_argument("--split", nargs="+", default=["test"], help="one or more splits (default: test)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_decoding_options(parser)
+    beam = parser.add_argument_group("beam search with a lexicon and a language model")
+    beam.add_argument("--lexicon", default=None,
+                      help="lexicon file, a word and its units per line (letters: 'HELLO H E L L O', the "
+                           "'|' boundary is added; phonemes: 'HELLO HH AH L OW'); turns the beam search on")
+    beam.add_argument("--lm", default=None, help="n-gram word LM, ARPA (.arpa) or binary KenLM (.bin); "
+                                                 "without it the lexicon alone constrains the search")
+    beam.add_argument("--beam", type=int, default=50, help="hypotheses kept after each frame (default: 50)")
+    beam.add_argument("--beam-threshold", type=float, default=25.0,
+                      help="prune hypotheses this far below the best score (default: 25)")
+    beam.add_argument("--lm-weight", type=float, default=2.0, help="weight of the LM score (default: 2)")
+    beam.add_argument("--word-score", type=float, default=0.0,
+                      help="score added per word, against too short or too long outputs (default: 0)")
+    beam.add_argument("--sil-score", type=float, default=0.0,
+                      help="score added per silence (word boundary) token (default: 0)")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    symbol = args.post_process or ("letter" if args.labels == "ltr" else "none")
+    if args.lm is not None and args.lexicon is None:
+        parser.error("--lm needs --lexicon (the beam search is lexicon-constrained)")
+    if args.batch_size < 1 or args.max_tokens < 1:
+        parser.error("--batch-size and --max-tokens must be positive")
+    symbol = args.post_process or default_post_process(args.labels)
     try:
         recognizer = CtcRecognizer.load(args.checkpoint, args.device)
+        language_model = None
+        if args.lexicon is not None:
+            language_model = LanguageModel.load(recognizer, LMDecoderOptions(
+                args.lexicon, args.lm, args.beam, args.beam_threshold, args.lm_weight, args.word_score,
+                args.sil_score))
         for split in args.split:
-            score = decode_split(recognizer, args.data, split, args.labels, args.out, symbol)
-            metric = "WER" if symbol == "letter" else "error rate"
-            print(f"{split}: {metric} {score['error_rate']:.2f}% "
-                  f"({score['errors']}/{score['ref_tokens']}, {score['utterances']} utterances)")
+            score = decode_split(recognizer, args.data, split, args.labels, args.out, symbol, args.batch_size,
+                                 args.max_tokens, language_model)
+            print(summary(score))
     except (OSError, ValueError) as err:
         print(f"siamctc-decode: error: {err}", file=sys.stderr)
         return 1

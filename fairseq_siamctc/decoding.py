@@ -1,0 +1,117 @@
+"""Batched greedy CTC decoding that gives exactly what decoding each utterance alone gives.
+
+Two things make a padded batch differ from a batch of one in stock fairseq:
+
+* HuBERT Base, wav2vec 2.0 Base and WavLM Base normalise their first convolution's output with a
+  GroupNorm over the whole time axis, so the zeros a batch appends to a short utterance change its
+  features. ``padding_independent_logits`` takes those statistics over each utterance's own frames
+  (``models.encoders.hubert_features``; the plugin's WavLM does so itself), and derives each
+  utterance's frame count from the convolution arithmetic, as a batch of one would have it.
+* Frames after an utterance's end still get logits (stock ``hubert_ctc``'s ``get_logits`` does not
+  mask them), so they are set to certain blank before the argmax.
+
+A fine-tuned model whose encoder is none of those (or a wav2vec 2.0 variant whose batch changes
+the frames: input quantizer, sequence cropping) is not known to be padding-independent;
+``padding_independent`` says so and callers decode it one utterance at a time.
+"""
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+from fairseq.models.hubert import HubertModel
+from fairseq.models.wav2vec import Wav2Vec2Model
+
+from .models.encoders import hubert_features
+from .models.wavlm import WavLM
+
+
+def backbone(model: nn.Module) -> Optional[nn.Module]:
+    """The pre-trained encoder inside a fine-tuned CTC model (``hubert_ctc``, ``wav2vec_ctc``,
+    ``wavlm_ctc``: ``model.w2v_encoder.w2v_model``), or None for another kind of model."""
+    return getattr(getattr(model, "w2v_encoder", None), "w2v_model", None)
+
+
+def padding_independent(model: nn.Module) -> bool:
+    """Whether ``padding_independent_logits`` gives this model's batch-of-one logits for a padded batch."""
+    encoder = backbone(model)
+    if isinstance(encoder, (HubertModel, WavLM)):
+        return True
+    if isinstance(encoder, Wav2Vec2Model):
+        return (getattr(encoder, "input_quantizer", None) is None
+                and getattr(encoder, "crop_seq_to_multiple", 1) == 1
+                and not getattr(model.w2v_encoder, "is_d2v_multi", False))
+    return False
+
+
+def padding_independent_logits(
+    model: nn.Module, source: torch.Tensor, padding_mask: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A fine-tuned CTC model's logits, each utterance's as if it were decoded alone.
+
+    source (B, S) float waveforms, right-padded; padding_mask (B, S) bool, True at padding.
+    Returns logits (B, T, V) (frames after an utterance's end hold garbage) and frame lengths (B,).
+    The model must be in eval mode and ``padding_independent(model)``.
+    """
+    encoder = model.w2v_encoder
+    if isinstance(encoder.w2v_model, WavLM):
+        x, frame_padding = encoder.w2v_model.extract_features(source, padding_mask=padding_mask, mask=False)
+    else:  # HubertModel and Wav2Vec2Model share the attributes hubert_features reads
+        x, frame_padding = hubert_features(encoder.w2v_model, source, padding_mask)
+    x = encoder.final_dropout(x)
+    if encoder.proj is not None:
+        x = encoder.proj(x)
+    # the model's own logit adjustments (wav2vec_ctc's blank weight), padding handled below
+    logits = model.get_logits({"encoder_out": x.transpose(0, 1), "padding_mask": None,
+                               "encoder_padding_mask": None}).transpose(0, 1)
+    if frame_padding is None:
+        lengths = torch.full((x.size(0),), x.size(1), dtype=torch.long, device=x.device)
+    else:
+        lengths = (~frame_padding).sum(-1)
+    return logits, lengths
+
+
+def mask_padded_frames(logits: torch.Tensor, lengths: torch.Tensor, blank: int) -> torch.Tensor:
+    """logits (B, T, V), lengths (B,) -> logits where frames at or after lengths[b] are certain blank
+    (logit 0 for ``blank``, -inf for every other class)."""
+    padded = torch.arange(logits.size(1), device=logits.device)[None, :] >= lengths[:, None]  # (B, T)
+    blank_only = torch.full_like(logits[:1, :1], float("-inf"))
+    blank_only[..., blank] = 0.0
+    return torch.where(padded.unsqueeze(-1), blank_only, logits)
+
+
+def greedy_ctc(logits: torch.Tensor, lengths: torch.Tensor, blank: int, drop: Sequence[int] = ()) -> List[List[int]]:
+    """Best-path CTC decoding of a padded batch.
+
+    logits (B, T, V), lengths (B,) valid frames; the argmax per frame with padded frames blank,
+    repeats collapsed, ``blank`` and the ``drop`` indices removed. Returns B lists of label indices.
+    One transfer to the host for the whole batch.
+    """
+    path = mask_padded_frames(logits, lengths, blank).argmax(dim=-1)  # (B, T)
+    previous = torch.nn.functional.pad(path[:, :-1], (1, 0), value=-1)
+    removed = torch.tensor([blank, *drop], device=path.device)
+    keep = (path != previous) & ~torch.isin(path, removed)
+    path, keep = path.cpu(), keep.cpu()
+    return [row[mask].tolist() for row, mask in zip(path, keep)]
+
+
+def length_sorted_batches(num_samples: Sequence[int], batch_size: int, max_tokens: int) -> List[List[int]]:
+    """Indices grouped into batches of similar length, longest first (so memory peaks at once).
+
+    A batch holds at most ``batch_size`` utterances and at most ``max_tokens`` samples once padded
+    to its longest; an utterance longer than ``max_tokens`` is a batch of its own.
+    """
+    if batch_size < 1 or max_tokens < 1:
+        raise ValueError(f"batch size and max tokens must be positive, got {batch_size} and {max_tokens}")
+    order = np.argsort(-np.asarray(num_samples, dtype=np.int64), kind="stable")
+    batches: List[List[int]] = []
+    for index in order.tolist():
+        if batches:
+            batch = batches[-1]
+            longest = int(num_samples[batch[0]])
+            if len(batch) < batch_size and (len(batch) + 1) * longest <= max_tokens:
+                batch.append(index)
+                continue
+        batches.append([index])
+    return batches

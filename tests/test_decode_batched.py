@@ -1,0 +1,151 @@
+"""Batched greedy decoding gives exactly the one-at-a-time result (fairseq_siamctc.decoding)."""
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from fairseq.data import Dictionary
+from fairseq.models.hubert import hubert_asr
+from fairseq.models.wav2vec import Wav2Vec2Config, Wav2Vec2Model
+from omegaconf import OmegaConf
+
+import fairseq_siamctc  # noqa: F401  (compatibility fixes: hubert_ctc's config)
+from fairseq_siamctc.cli.decode import CtcRecognizer
+from fairseq_siamctc.decoding import (greedy_ctc, length_sorted_batches, mask_padded_frames, padding_independent,
+                                      padding_independent_logits)
+from fairseq_siamctc.models.encoders import hubert_features
+from fairseq_siamctc.models.wavlm_ctc import WavLMCtc, WavLMCtcConfig
+from tiny_checkpoints import TINY_CONV, tiny_hubert_checkpoint, tiny_wavlm_checkpoint
+
+torch.set_num_threads(1)
+
+
+def letters_task():
+    dictionary = Dictionary()
+    for letter in "|ABCD":
+        dictionary.add_symbol(letter)
+    return types.SimpleNamespace(source_dictionary=None, target_dictionary=dictionary)
+
+
+def tiny_hubert_ctc(tmp_path):
+    tiny_hubert_checkpoint(tmp_path / "hubert.pt")
+    cfg = OmegaConf.structured(hubert_asr.HubertCtcConfig(w2v_path=str(tmp_path / "hubert.pt"), data="unused",
+                                                                normalize=False))
+    return hubert_asr.HubertCtc.build_model(cfg, letters_task()).eval()
+
+
+def tiny_wavlm_ctc(tmp_path):
+    tiny_wavlm_checkpoint(tmp_path / "wavlm.pt")
+    cfg = OmegaConf.structured(WavLMCtcConfig(w2v_path=str(tmp_path / "wavlm.pt"), data="unused", normalize=False))
+    return WavLMCtc.build_model(cfg, letters_task()).eval()
+
+
+def waveforms(seed=0, seconds=(0.4, 0.55, 0.7, 1.0, 1.3)):
+    """Harmonic tones of different lengths and loudness, so that per-utterance statistics differ."""
+    rng = np.random.default_rng(seed)
+    wavs = []
+    for s in seconds:
+        t = np.arange(int(16000 * s)) / 16000
+        f0 = rng.uniform(90, 260)
+        wav = rng.uniform(0.05, 0.8) * np.sin(2 * np.pi * f0 * t) + 0.05 * rng.standard_normal(t.size)
+        wavs.append(wav.astype(np.float32))
+    return wavs
+
+
+def naive_greedy(logits, blank, drop):
+    out, previous = [], None
+    for index in logits.argmax(-1).tolist():
+        if index != previous and index != blank and index not in drop:
+            out.append(index)
+        previous = index
+    return out
+
+
+def test_greedy_ctc_equals_a_loop_over_each_utterances_own_frames():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([7, 12, 1, 0, 12])
+    logits = torch.randn(5, 12, 6, generator=g)
+    logits[:, :, 0] += 0.5  # enough blanks to collapse around
+    logits[1, 3:6] = logits[1, 3]  # a repeated label
+    padded_argmax = logits.clone()
+    padded_argmax[0, 7:, 4] = 100.0  # garbage after the end that an unmasked argmax would read
+    expected = [naive_greedy(logits[b, :n], 0, {2}) for b, n in enumerate(lengths.tolist())]
+    assert greedy_ctc(padded_argmax, lengths, blank=0, drop=(2,)) == expected
+    assert expected[3] == [] and len(expected[1]) > 0
+    masked = mask_padded_frames(padded_argmax, lengths, blank=3)
+    assert torch.equal(masked[0, :7], padded_argmax[0, :7])
+    assert (masked[0, 7:, 3] == 0).all() and torch.isinf(masked[0, 7:, [0, 1, 2, 4, 5]]).all()
+
+
+def test_length_sorted_batches_cover_every_utterance_within_the_limits():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1000, 50000, size=57)
+    sizes[5] = 200000  # longer than max_tokens: a batch of its own
+    batches = length_sorted_batches(sizes, batch_size=8, max_tokens=120000)
+    assert sorted(i for batch in batches for i in batch) == list(range(57))
+    flat = [sizes[i] for batch in batches for i in batch]
+    assert flat == sorted(flat, reverse=True)  # longest first, neighbours in length together
+    for batch in batches:
+        assert len(batch) <= 8
+        assert len(batch) == 1 or len(batch) * max(sizes[i] for i in batch) <= 120000
+    assert [5] in batches
+    assert length_sorted_batches(sizes, 1, 10**9) == [[i] for i in np.argsort(-sizes, kind="stable")]
+    with pytest.raises(ValueError, match="positive"):
+        length_sorted_batches(sizes, 0, 100)
+
+
+@pytest.mark.parametrize("kind", ["hubert_ctc", "wavlm_ctc"])
+def test_batched_decoding_gives_the_one_at_a_time_hypotheses(kind, tmp_path):
+    model = tiny_hubert_ctc(tmp_path) if kind == "hubert_ctc" else tiny_wavlm_ctc(tmp_path)
+    dictionary = letters_task().target_dictionary
+    assert padding_independent(model)
+    wavs = waveforms()
+    for normalize in (False, True):
+        recognizer = CtcRecognizer(model, dictionary, normalize, dictionary.bos())
+        alone = [recognizer.decode(w) for w in wavs]  # the model's own forward, batch of one
+        assert recognizer.decode_batch(wavs) == alone
+        assert recognizer.decode_batch(wavs[::-1]) == alone[::-1]
+        assert sum(map(len, alone)) > 0
+    # the logits themselves: each utterance's valid frames as alone, the frame counts as alone
+    source = torch.zeros(len(wavs), max(map(len, wavs)))
+    padding_mask = torch.ones_like(source, dtype=torch.bool)
+    for b, w in enumerate(wavs):
+        source[b, :len(w)] = torch.from_numpy(w)
+        padding_mask[b, :len(w)] = False
+    with torch.no_grad():
+        logits, lengths = padding_independent_logits(model, source, padding_mask)
+        stock = model(source=source, padding_mask=padding_mask)["encoder_out"].transpose(0, 1)
+        for b, w in enumerate(wavs):
+            single = model(source=torch.from_numpy(w)[None], padding_mask=None)["encoder_out"][:, 0]
+            assert lengths[b] == single.size(0)
+            torch.testing.assert_close(logits[b, :lengths[b]], single, atol=2e-5, rtol=1e-5)
+            if kind == "hubert_ctc" and b == 0:  # stock fairseq: the padding changes the shortest one
+                assert (stock[b, :lengths[b]] - single).abs().max() > 1e-2
+
+
+def test_wav2vec2_backbone_takes_per_utterance_statistics_too():
+    """hubert_features reads only attributes that Wav2Vec2Model shares with HubertModel."""
+    torch.manual_seed(0)
+    model = Wav2Vec2Model(Wav2Vec2Config(
+        encoder_layers=2, encoder_embed_dim=32, encoder_ffn_embed_dim=48, encoder_attention_heads=4,
+        conv_feature_layers=TINY_CONV, conv_pos=8, conv_pos_groups=4, final_dim=16)).eval()
+    with torch.no_grad():  # a non-trivial group norm so that wrong statistics show
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    wavs = [torch.from_numpy(w) for w in waveforms(seed=1, seconds=(0.5, 0.9))]
+    source = torch.zeros(2, len(wavs[1]))
+    source[0, :len(wavs[0])], source[1] = wavs[0], wavs[1]
+    padding_mask = torch.arange(source.size(1))[None] >= torch.tensor([len(w) for w in wavs])[:, None]
+    with torch.no_grad():
+        x, frame_padding = hubert_features(model, source, padding_mask)
+        for b, w in enumerate(wavs):
+            single = model.extract_features(w[None], padding_mask=None)["x"][0]
+            assert (~frame_padding[b]).sum() == single.size(0)
+            torch.testing.assert_close(x[b, :single.size(0)], single, atol=2e-5, rtol=1e-5)
+    wrapped = types.SimpleNamespace(w2v_encoder=types.SimpleNamespace(w2v_model=model, is_d2v_multi=False))
+    assert padding_independent(wrapped)
+    model.crop_seq_to_multiple = 2  # crops the batch's frames: not padding-independent
+    assert not padding_independent(wrapped)
+    assert not padding_independent(torch.nn.Linear(2, 2))
