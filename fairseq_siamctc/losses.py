@@ -1,12 +1,14 @@
 """The SiamCTC objective (paper section 3) as plain, batched PyTorch functions.
 
 Conventions: B utterances, T frames, D features; padding masks follow fairseq (``True`` marks a
-padded frame, padding at the end). Nothing here synchronises with the host, so every function runs
-unchanged on CUDA; lengths stay tensors throughout.
+padded frame, padding at the end). Every function runs unchanged on CUDA; lengths stay tensors, and
+the only host synchronisation is one read of the lengths per batch in :func:`viterbi_alignment`
+(never one per frame). No function's number of operator calls grows with T.
 
 - :func:`alignment_log_probs`: attention logits with a fixed blank column, log-softmax over classes.
 - :func:`frame_ctc_loss`: CTC NLL of the target ``1, 2, ..., L`` (every key frame once, in order).
-- :func:`viterbi_alignment`: the best CTC path for that target (the hard alignment of the KLD term).
+- :func:`viterbi_alignment`: the best CTC path for that target (the hard alignment of the KLD term),
+  through torchaudio's compiled forced aligner.
 - :func:`tince_loss`: temporal InfoNCE (eq. 3) with in-utterance negatives.
 - :func:`siamctc_loss`: eq. 6, with the role swap ("transpose") where the perturbed view is shorter.
 """
@@ -15,6 +17,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import torchaudio  # noqa: F401  (registers torch.ops.torchaudio.forced_align)
 from torch import Tensor
 
 __all__ = ["alignment_log_probs", "frame_ctc_loss", "viterbi_alignment", "tince_loss", "siamctc_loss"]
@@ -120,54 +123,37 @@ def viterbi_alignment(log_probs: Tensor, input_lengths: Tensor, target_lengths: 
 
     log_probs (B, T_in, C), input_lengths (B,), target_lengths (B,) -> LongTensor (B, T_in): the
     class of the path at each input frame (0 = blank), -1 on padded frames and on every frame of an
-    infeasible utterance (input shorter than target). Max-product DP over the extended label
-    sequence (blank, 1, blank, 2, ..., blank), vectorised over utterances and states.
+    infeasible utterance (input shorter than target, or no path of finite log-probability).
+
+    One call of torchaudio's compiled forced aligner per utterance, on the device of ``log_probs``
+    (CPU or CUDA): the number of operator calls grows with B, not with T. The lengths are read to
+    the host once for the whole batch, since the aligner takes each utterance at its exact shape.
     """
     batch_size, max_in, num_classes = log_probs.shape
     device = log_probs.device
-    num_states = 2 * (num_classes - 1) + 1
-    state = torch.arange(num_states, device=device)
-    state_label = torch.where(state % 2 == 1, (state + 1) // 2, 0)
-    # a label state may skip the blank before it (all labels differ); blank states and label 1 may not
-    skip_penalty = torch.where((state % 2 == 1) & (state >= 3), 0.0, float("-inf")).to(log_probs.dtype)
-    emissions = log_probs.gather(2, state_label.expand(batch_size, max_in, num_states))
     path = torch.full((batch_size, max_in), -1, dtype=torch.long, device=device)
-    if max_in == 0:
-        return path
-
-    # scores of every frame, two -inf columns in front so that the moves by one and two states
-    # are plain shifted views; kept whole so each utterance's final scores are read at its last frame
-    history = log_probs.new_empty((max_in, batch_size, num_states + 2))
-    history[:, :, :2] = float("-inf")
-    history[0, :, 2:] = float("-inf")
-    history[0, :, 2:4] = emissions[:, 0, :2]
-    # backpointer = how many states the path moved at frame t (0, 1 or 2)
-    moves = torch.zeros((max_in, batch_size, num_states), dtype=torch.uint8, device=device)
-    for t in range(1, max_in):
-        previous = history[t - 1]
-        stay, one, two = previous[:, 2:], previous[:, 1:-1], previous[:, :-2] + skip_penalty
-        best = torch.maximum(stay, one)
-        moves[t] = torch.where(two > best, 2, one > stay)
-        torch.maximum(best, two, out=best)
-        torch.add(best, emissions[:, t], out=history[t, :, 2:])
-    frame = torch.arange(max_in, device=device)
-    past_end = frame[:, None] >= input_lengths[None, :]
-    moves.masked_fill_(past_end[..., None], 0)  # padded frames stay in the final state
-    score = history[(input_lengths - 1).clamp(min=0), torch.arange(batch_size, device=device), 2:]
-
-    last_blank = (2 * target_lengths).clamp(max=num_states - 1)[:, None]
-    last_label = (2 * target_lengths - 1).clamp(min=0)[:, None]
-    blank_score = score.gather(1, last_blank)
-    label_score = score.gather(1, last_label).masked_fill(target_lengths[:, None] == 0, float("-inf"))
-    current = torch.where(label_score > blank_score, last_label, last_blank)
-    best_score = torch.maximum(label_score, blank_score).squeeze(1)
-    states = [current]
-    for t in range(max_in - 1, 0, -1):
-        current = current - moves[t].gather(1, current).long()
-        states.append(current)
-    path = state_label[torch.cat(states[::-1], dim=1)]
-    keep = (frame[None, :] < input_lengths[:, None]) & torch.isfinite(best_score)[:, None]
-    return path.masked_fill(~keep, -1)
+    if log_probs.dtype not in (torch.float32, torch.float64):
+        log_probs = log_probs.float()  # the aligner takes float16 too, but CTC tails need float32
+    targets = torch.arange(1, num_classes, device=device)[None]
+    for b, (in_len, target_len) in enumerate(torch.stack([input_lengths, target_lengths], 1).tolist()):
+        if not (0 <= in_len <= max_in and 0 <= target_len < num_classes):
+            raise ValueError(
+                f"utterance {b}: input length {in_len} and target length {target_len} do not fit log_probs of shape "
+                f"{tuple(log_probs.shape)}"
+            )
+        if in_len == 0 or in_len < target_len:
+            continue
+        if target_len == 0:
+            path[b, :in_len] = 0
+            continue
+        emissions = log_probs[b : b + 1, :in_len, : target_len + 1].contiguous()
+        aligned, _ = torch.ops.torchaudio.forced_align(
+            emissions, targets[:, :target_len], input_lengths[b : b + 1], target_lengths[b : b + 1], 0
+        )
+        path[b, :in_len] = aligned[0]
+    # the aligner returns some path even when every path has log-probability -inf or NaN
+    score = log_probs.gather(2, path.clamp(min=0)[..., None]).squeeze(-1).masked_fill(path < 0, 0.0).sum(1)
+    return path.masked_fill(~torch.isfinite(score)[:, None], -1)
 
 
 def _hash32(x: Tensor) -> Tensor:
