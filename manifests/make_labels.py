@@ -3,14 +3,14 @@
 Usage::
 
     siamctc-labels MANIFEST.tsv [MANIFEST.tsv ...] [--out-dir DIR]
-                   [--lexicon LEXICON [--keep-stress] [--on-oov skip|error]]
+                   [--lexicon LEXICON [--keep-stress] [--on-oov error|skip]]
                    [--on-missing error|skip] [--dict-splits train]
-                   [--spm-vocab N [--spm-type unigram|bpe]]
+                   [--spm-vocab N [--spm-type unigram|bpe]] [--force]
     # equivalently: python -m manifests.make_labels ...
 
     # LibriSpeech with the CMU dictionary of Debian's pocketsphinx-en-us (39 phonemes, no stress)
-    siamctc-labels manifests/train.tsv manifests/dev_clean.tsv manifests/test_clean.tsv \\
-        --lexicon /usr/share/pocketsphinx/model/en-us/cmudict-en-us.dict
+    siamctc-labels audio_lists/train.tsv audio_lists/valid.tsv audio_lists/test_clean.tsv \\
+        --lexicon /usr/share/pocketsphinx/model/en-us/cmudict-en-us.dict --on-oov skip --out-dir manifests
 
 Transcripts are read in the LibriSpeech layout: the audio file ``.../19/198/19-198-0001.flac`` is looked
 up by its name without extension (``19-198-0001``) in the ``*.trans.txt`` files of its own directory,
@@ -25,10 +25,10 @@ For each manifest ``{split}.tsv`` this writes, into ``--out-dir`` (default: the 
 * ``{split}.phn`` (with ``--lexicon``): the phonemes of each word's first pronunciation, space separated;
 * ``{split}.spm`` (with ``--spm-vocab N``): sentencepiece pieces of a model trained on the words of
   ``--dict-splits`` (``spm.model``/``spm.vocab`` are saved next to it); use ``post_process=sentencepiece``;
-* ``{split}.tsv``: the manifest again, without the utterances that were dropped (see below), so that
-  every label file lines up 1:1 with the manifest, as fairseq's ``audio_finetuning`` task requires
-  (when ``--out-dir`` is the manifest's own folder it is overwritten: run ``siamctc-manifest``
-  again to get the dropped utterances back, e.g. for letter targets without a lexicon);
+* ``{split}.tsv`` (when ``--out-dir`` is not the manifest's own folder): the manifest of the kept
+  utterances (see below), so that every label file lines up 1:1 with it, as fairseq's
+  ``audio_finetuning`` task requires. An input manifest is never rewritten: when utterances would
+  be left out of a manifest in ``--out-dir`` itself, the run stops before writing anything;
 
 and ``dict.wrd.txt``, ``dict.ltr.txt``, ``dict.phn.txt`` (``dict.spm.txt``) in fairseq's format, one
 ``SYMBOL COUNT`` a line, most frequent first. Counts come from the splits named by ``--dict-splits``
@@ -43,10 +43,12 @@ and stress digits are stripped (``AH0`` -> ``AH``) unless ``--keep-stress``.
 
 Bad input, and how it is counted:
 
-* out-of-vocabulary words (``.phn`` only): with ``--on-oov skip`` (default) an utterance holding a word
-  the lexicon lacks is dropped from the split (manifest and every label file); the run prints how many
-  utterances were dropped and how many OOV word tokens/types caused it, and writes
-  ``{split}.oov.txt`` (``WORD COUNT`` per OOV word). ``--on-oov error`` stops at the first one.
+* out-of-vocabulary words (``.phn`` only): by default (``--on-oov error``) the run stops before
+  writing anything, with one line listing the missing words (most frequent first, with counts) and
+  how many utterances of each split hold them. With ``--on-oov skip`` an utterance holding such a
+  word is left out of the split (manifest and every label file); the run prints how many utterances
+  were left out and how many OOV word tokens/types caused it, and writes ``{split}.oov.txt``
+  (``WORD COUNT`` per OOV word).
 * a missing transcript (no line for the utterance in its directory's ``*.trans.txt``): an error
   naming the audio file and directory by default; ``--on-missing skip`` drops and counts the utterance.
 * an utterance whose transcript has no word (after normalisation) is an error.
@@ -55,13 +57,15 @@ Bad input, and how it is counted:
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from manifests.make_manifest import ManifestError, read_tsv, write_tsv
+from manifests.make_manifest import ManifestError, check_outputs, read_tsv, write_atomically, write_tsv
 
 NON_WORD_CHARS = re.compile(r"[^A-Z']+")
 STRESS_DIGITS = re.compile(r"\d+$")
@@ -189,9 +193,7 @@ def collect_labels(
         phones: list[str] = []
         if lexicon is not None:
             oov = [w for w in words if w not in lexicon]
-            if oov:
-                if on_oov == "error":
-                    raise LabelError(f"{tsv}:{number}: {audio}: words not in lexicon {lexicon.path}: {oov}")
+            if oov:  # counted here; make_labels stops or drops once every split is read
                 labels.dropped_oov += 1
                 labels.oov_words.update(oov)
                 continue
@@ -199,7 +201,7 @@ def collect_labels(
         labels.entries.append((rel, num_samples))
         labels.words.append(words)
         labels.phones.append(phones)
-    if not labels.entries:
+    if not labels.entries and not (lexicon is not None and on_oov == "error" and labels.oov_words):
         raise LabelError(f"{tsv}: every utterance was dropped ({labels.dropped_missing} without transcript, "
                          f"{labels.dropped_oov} with OOV words)")
     return labels
@@ -209,13 +211,22 @@ def write_dict(path: Path, counts: Counter, extra_symbols: set[str] = frozenset(
     """fairseq dictionary: ``SYMBOL COUNT`` lines, most frequent first; ``extra_symbols`` with count 0."""
     for symbol in extra_symbols:
         counts.setdefault(symbol, 0)
-    with open(path, "w") as out:
-        for symbol, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
-            print(f"{symbol} {count}", file=out)
+    write_lines(path, [f"{symbol} {count}" for symbol, count in
+                       sorted(counts.items(), key=lambda item: (-item[1], item[0]))])
 
 
 def write_lines(path: Path, lines: list[str]) -> None:
-    path.write_text("".join(line + "\n" for line in lines))
+    write_atomically(path, "".join(line + "\n" for line in lines))
+
+
+def oov_report(splits: list[SplitLabels], lexicon: Lexicon, shown: int = 20) -> str:
+    """One line: the missing words, most frequent first, with counts, and where they occur."""
+    words = sum((s.oov_words for s in splits), Counter())
+    listed = ", ".join(f"{w} ({c})" for w, c in words.most_common(shown))
+    more = f" and {len(words) - shown} more" if len(words) > shown else ""
+    where = ", ".join(f"{s.dropped_oov} of {s.dropped_oov + len(s.entries)} in {s.name}" for s in splits if s.oov_words)
+    return (f"{len(words)} word(s) missing from lexicon {lexicon.path}: {listed}{more}; utterances holding "
+            f"them: {where}")
 
 
 def train_sentencepiece(sentences: list[str], model_prefix: Path, vocab_size: int, model_type: str):
@@ -234,6 +245,15 @@ def train_sentencepiece(sentences: list[str], model_prefix: Path, vocab_size: in
     return spm.SentencePieceProcessor(model_file=f"{model_prefix}.model")
 
 
+def train_sentencepiece_into(sentences, out_dir: Path, vocab_size: int, model_type: str):
+    """``train_sentencepiece`` to ``out_dir/spm.{model,vocab}``, each file moved there when complete."""
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".spm.") as tmp:
+        sp = train_sentencepiece(sentences, Path(tmp) / "spm", vocab_size, model_type)
+        for ext in ("model", "vocab"):
+            os.replace(Path(tmp) / f"spm.{ext}", out_dir / f"spm.{ext}")
+    return sp
+
+
 @dataclass
 class LabelSummary:
     splits: list[SplitLabels]
@@ -245,29 +265,65 @@ def make_labels(
     out_dir: Path | None = None,
     lexicon_path: Path | None = None,
     keep_stress: bool = False,
-    on_oov: str = "skip",
+    on_oov: str = "error",
     on_missing: str = "error",
     dict_splits: list[str] | None = None,
     spm_vocab: int = 0,
     spm_type: str = "unigram",
+    force: bool = False,
 ) -> LabelSummary:
-    """Write labels, filtered manifests and dictionaries for ``tsv_paths`` into ``out_dir``."""
+    """Write labels and dictionaries for ``tsv_paths`` into ``out_dir`` (default: the first manifest's
+    folder), and, when ``out_dir`` is another folder, each manifest of the kept utterances.
+
+    Nothing is written when an output exists already (unless ``force``), when an OOV word is met
+    with ``on_oov="error"``, or when utterances would be left out of a manifest in ``out_dir``
+    itself: input manifests are never rewritten. Every file is written atomically."""
     if not tsv_paths:
         raise LabelError("no manifest given")
     if on_oov not in ("skip", "error") or on_missing not in ("skip", "error"):
         raise LabelError(f"on_oov/on_missing must be 'skip' or 'error', got {on_oov!r}/{on_missing!r}")
-    out_dir = Path(out_dir) if out_dir is not None else Path(tsv_paths[0]).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dict_splits = dict_splits or [split_name(tsv_paths[0])]
-    unknown = set(dict_splits) - {split_name(t) for t in tsv_paths}
+    tsv_paths = [Path(t) for t in tsv_paths]
+    names = [split_name(t) for t in tsv_paths]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise LabelError(f"two manifests of the same split name {repeated}: their labels would overwrite each other")
+    out_dir = Path(out_dir) if out_dir is not None else tsv_paths[0].parent
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LabelError(f"{out_dir}: exists and is not a directory")
+    in_place = {t: out_dir.resolve() == t.parent.resolve() for t in tsv_paths}
+    dict_splits = dict_splits or [names[0]]
+    unknown = set(dict_splits) - set(names)
     if unknown:
         raise LabelError(f"dictionary split(s) {sorted(unknown)} are not among the manifests given")
+    exts = ["wrd", "ltr"] + (["phn"] if lexicon_path is not None else []) + (["spm"] if spm_vocab > 0 else [])
+    outputs = [out_dir / f"{n}.{ext}" for n in names for ext in [*exts, "oov.txt"]]
+    outputs += [out_dir / f"{split_name(t)}.tsv" for t in tsv_paths if not in_place[t]]
+    outputs += [out_dir / f"dict.{ext}.txt" for ext in exts]
+    outputs += [out_dir / f"spm.{ext}" for ext in ("model", "vocab") if spm_vocab > 0]
+    try:
+        check_outputs(outputs, force)
+    except ManifestError as err:
+        raise LabelError(str(err)) from None
     lexicon = load_lexicon(lexicon_path, keep_stress) if lexicon_path is not None else None
 
     transcripts = TranscriptIndex()
-    splits = [collect_labels(Path(t), transcripts, lexicon, on_oov, on_missing) for t in tsv_paths]
-    for labels in splits:
-        write_tsv(out_dir / f"{labels.name}.tsv", labels.root, labels.entries)
+    splits = [collect_labels(t, transcripts, lexicon, on_oov, on_missing) for t in tsv_paths]
+    if lexicon is not None and on_oov == "error" and any(s.oov_words for s in splits):
+        raise LabelError(f"{oov_report(splits, lexicon)}. Nothing was written: add the words to the "
+                         f"lexicon, or leave those utterances out with --on-oov skip --out-dir DIR")
+    for tsv, labels in zip(tsv_paths, splits):
+        dropped = labels.dropped_oov + labels.dropped_missing
+        if dropped and in_place[tsv]:
+            raise LabelError(
+                f"{tsv}: {dropped} of {dropped + len(labels.entries)} utterances would be left out "
+                f"({labels.dropped_oov} with OOV words, {labels.dropped_missing} without transcript), and an "
+                f"input manifest is never rewritten: give --out-dir, a folder other than {tsv.parent}, for the "
+                f"manifest of the kept utterances and its labels. Nothing was written")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for tsv, labels in zip(tsv_paths, splits):
+        if not in_place[tsv]:
+            write_tsv(out_dir / f"{labels.name}.tsv", labels.root, labels.entries)
         write_lines(out_dir / f"{labels.name}.wrd", [" ".join(w) for w in labels.words])
         write_lines(out_dir / f"{labels.name}.ltr", [letter_label(w) for w in labels.words])
         if lexicon is not None:
@@ -276,7 +332,7 @@ def make_labels(
         if labels.oov_words:
             write_lines(oov_file, [f"{w} {c}" for w, c in labels.oov_words.most_common()])
         elif oov_file.exists():
-            oov_file.unlink()  # a stale list from an earlier run would misreport this one
+            oov_file.unlink()  # a stale list from an earlier run (replaced with --force) would misreport this one
 
     counted = [s for s in splits if s.name in dict_splits]
     write_dict(out_dir / "dict.wrd.txt", Counter(w for s in counted for ws in s.words for w in ws))
@@ -286,8 +342,8 @@ def make_labels(
         write_dict(out_dir / "dict.phn.txt", Counter(p for s in counted for ps in s.phones for p in ps),
                    lexicon.inventory)
     if spm_vocab > 0:
-        sp = train_sentencepiece([" ".join(ws) for s in counted for ws in s.words], out_dir / "spm",
-                                 spm_vocab, spm_type)
+        sp = train_sentencepiece_into([" ".join(ws) for s in counted for ws in s.words], out_dir,
+                                      spm_vocab, spm_type)
         pieces = {s.name: [sp.encode(" ".join(ws), out_type=str) for ws in s.words] for s in splits}
         for name, encoded in pieces.items():
             write_lines(out_dir / f"{name}.spm", [" ".join(p) for p in encoded])
@@ -304,13 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", type=Path, help="output folder (default: the first manifest's)")
     parser.add_argument("--lexicon", type=Path, help="pronunciation lexicon for .phn labels")
     parser.add_argument("--keep-stress", action="store_true", help="keep stress digits on vowels")
-    parser.add_argument("--on-oov", choices=("skip", "error"), default="skip",
-                        help="utterance with a word missing from the lexicon: drop it (counted) or stop")
+    parser.add_argument("--on-oov", choices=("error", "skip"), default="error",
+                        help="a word missing from the lexicon: stop, listing the missing words (default), or "
+                             "leave its utterances out (counted; needs an --out-dir other than the manifests')")
     parser.add_argument("--on-missing", choices=("error", "skip"), default="error",
-                        help="utterance without transcript: stop, or drop it (counted)")
+                        help="utterance without transcript: stop (default), or leave it out (counted; needs an "
+                             "--out-dir other than the manifests')")
     parser.add_argument("--dict-splits", nargs="+", help="splits whose symbols are counted (default: first)")
     parser.add_argument("--spm-vocab", type=int, default=0, help="sentencepiece vocabulary size (0: none)")
-    parser.add_argument("--spm-type", choices=("unigram", "bpe"), default="unigram")
+    parser.add_argument("--spm-type", choices=("unigram", "bpe"), default="unigram",
+                        help="sentencepiece model type (default: unigram)")
+    parser.add_argument("--force", action="store_true", help="replace label and dictionary files that exist")
     return parser
 
 
@@ -318,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         summary = make_labels(args.manifests, args.out_dir, args.lexicon, args.keep_stress, args.on_oov,
-                              args.on_missing, args.dict_splits, args.spm_vocab, args.spm_type)
+                              args.on_missing, args.dict_splits, args.spm_vocab, args.spm_type, args.force)
     except (LabelError, ManifestError) as err:
         sys.exit(f"siamctc-labels: error: {err}")
     for s in summary.splits:

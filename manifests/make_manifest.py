@@ -22,6 +22,9 @@ to ``{valid-split}.tsv`` instead. The draw is per file, as in fairseq's ``wav2ve
 speaker can then appear in both lists; for speaker-disjoint sets, run this script on
 separate directories (LibriSpeech's dev/test subsets, or the built-in corpus's split folders).
 
+Existing manifests are never replaced without ``--force``; each is written through a temporary
+file, so a manifest is either complete or absent.
+
 Bad input: an empty directory (no file with the extensions) is an error. A file that is not
 ``--sample-rate`` Hz mono (or cannot be read) is an error naming the file, its rate and channel count;
 with ``--on-bad skip`` such files are left out, counted, and listed on stderr instead.
@@ -30,8 +33,10 @@ with ``--on-bad skip`` such files are left out, counted, and listed on stderr in
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,18 +88,47 @@ def audio_num_samples(path: Path, sample_rate: int) -> int:
     return info.frames
 
 
-def write_tsv(path: Path, root: Path, entries: list[tuple[str, int]]) -> None:
-    """fairseq wav2vec manifest: root line, then ``relpath<TAB>num_samples`` per file."""
+def write_atomically(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file in the same folder, so that ``path``
+    never holds half a file, even when the process is killed."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as out:
-        print(root.resolve(), file=out)
-        for rel, n in entries:
-            print(f"{rel}\t{n}", file=out)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_outputs(paths: list[Path], force: bool = False) -> None:
+    """Before any work: a folder where a file is to be written is an error; so is an existing file,
+    unless ``force``."""
+    paths = [Path(p) for p in paths]
+    folders = [p for p in paths if p.is_dir()]
+    if folders:
+        raise ManifestError(f"{folders[0]}: is a directory; cannot write a file there")
+    existing = [p for p in paths if p.exists()]
+    if existing and not force:
+        others = f" and {len(existing) - 1} more output(s)" if len(existing) > 1 else ""
+        raise ManifestError(f"{existing[0]}{others} exist already; pass --force to replace them")
+
+
+def write_tsv(path: Path, root: Path, entries: list[tuple[str, int]]) -> None:
+    """fairseq wav2vec manifest: root line, then ``relpath<TAB>num_samples`` per file (atomic)."""
+    write_atomically(Path(path), "".join([f"{Path(root).resolve()}\n", *(f"{rel}\t{n}\n" for rel, n in entries)]))
 
 
 def read_tsv(path: Path) -> tuple[Path, list[tuple[str, int]]]:
     """Inverse of ``write_tsv``: (root, [(relpath, num_samples)]), with line numbers in errors."""
-    lines = Path(path).read_text().splitlines()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: cannot read manifest ({err})") from None
     if not lines:
         raise ManifestError(f"{path}: empty manifest (expected a root line)")
     entries = []
@@ -116,12 +150,20 @@ def make_manifest(
     seed: int = 1,
     sample_rate: int = 16000,
     on_bad: str = "error",
+    force: bool = False,
 ) -> ManifestSummary:
-    """Write ``dest/{split}.tsv`` (and ``dest/{valid_split}.tsv`` when ``valid_fraction > 0``)."""
+    """Write ``dest/{split}.tsv`` (and ``dest/{valid_split}.tsv`` when ``valid_fraction > 0``); an
+    existing one is refused unless ``force``."""
     if not 0.0 <= valid_fraction < 1.0:
         raise ManifestError(f"valid fraction must be in [0, 1), got {valid_fraction}")
     if on_bad not in ("error", "skip"):
         raise ManifestError(f"on_bad must be 'error' or 'skip', got {on_bad!r}")
+    if valid_fraction > 0 and valid_split == split:
+        raise ManifestError(f"--valid-split {valid_split!r} is the name of the main split")
+    if Path(dest).exists() and not Path(dest).is_dir():
+        raise ManifestError(f"{dest}: exists and is not a directory")
+    check_outputs([Path(dest) / f"{name}.tsv" for name in ([split, valid_split] if valid_fraction > 0 else [split])],
+                  force)
     root = Path(root)
     summary = ManifestSummary()
     entries = []
@@ -162,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample-rate", type=int, default=16000, help="required sample rate in Hz")
     parser.add_argument("--on-bad", choices=("error", "skip"), default="error",
                         help="what to do with audio that is unreadable or not SAMPLE_RATE mono")
+    parser.add_argument("--force", action="store_true", help="replace manifests that exist already")
     return parser
 
 
@@ -169,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         summary = make_manifest(args.root, args.dest, args.split, tuple(args.ext), args.valid_fraction,
-                                args.valid_split, args.seed, args.sample_rate, args.on_bad)
+                                args.valid_split, args.seed, args.sample_rate, args.on_bad, args.force)
     except ManifestError as err:
         sys.exit(f"siamctc-manifest: error: {err}")
     for _, reason in summary.skipped:

@@ -242,36 +242,117 @@ def test_dictionaries_count_dict_splits_only(libri, tmp_path):
         assert d.unk() not in d.encode_line(line, append_eos=False, add_if_not_exist=False).tolist()
 
 
-def test_oov_utterances_are_dropped_and_counted(libri, tmp_path):
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_oov_words_stop_the_run_in_one_line_and_write_nothing(libri, tmp_path):
     root, truth, lexicon = libri
     short = tmp_path / "short.dict"
     short.write_text("\n".join(l for l in LEXICON.splitlines() if not l.startswith(("SEA", "NORTHANGER"))))
     out = tmp_path / "m"
     make_manifest(root, out)
-    with pytest.raises(LabelError, match=r"train.tsv:2: .*103-1240-0000.flac.*SEA"):
-        make_labels([out / "train.tsv"], lexicon_path=short, on_oov="error")
-    summary = make_labels([out / "train.tsv"], lexicon_path=short, on_oov="skip")
+    before = snapshot(out)
+    with pytest.raises(LabelError) as error:
+        make_labels([out / "train.tsv"], lexicon_path=short)  # on_oov="error" is the default
+    message = str(error.value)
+    assert "\n" not in message
+    # every missing word with its count, most frequent first, and how many utterances hold them
+    assert "2 word(s) missing" in message and "SEA (2), NORTHANGER (1)" in message
+    assert "3 of 6 in train" in message and "Nothing was written" in message
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("out_name", [None, "m"])  # the default and the manifest's folder named explicitly
+def test_a_manifest_that_would_lose_utterances_is_never_rewritten(libri, tmp_path, out_name):
+    root, truth, lexicon = libri
+    short = tmp_path / "short.dict"
+    short.write_text("\n".join(l for l in LEXICON.splitlines() if not l.startswith("SEA")))
+    out = tmp_path / "m"
+    make_manifest(root, out)
+    before = snapshot(out)
+    with pytest.raises(LabelError, match=r"train.tsv: 2 of 6 utterances would be left out .*give --out-dir"):
+        make_labels([out / "train.tsv"], tmp_path / out_name if out_name else None, lexicon_path=short,
+                    on_oov="skip")
+    assert snapshot(out) == before
+
+
+def test_oov_utterances_are_left_out_of_a_new_manifest_and_counted(libri, tmp_path):
+    root, truth, lexicon = libri
+    short = tmp_path / "short.dict"
+    short.write_text("\n".join(l for l in LEXICON.splitlines() if not l.startswith(("SEA", "NORTHANGER"))))
+    lists, out = tmp_path / "lists", tmp_path / "m"
+    make_manifest(root, lists)
+    before = snapshot(lists)
+    summary = make_labels([lists / "train.tsv"], out, lexicon_path=short, on_oov="skip")
+    assert snapshot(lists) == before  # the input is untouched
     dropped = {u for u, (_, t) in truth.items() if {"SEA", "NORTHANGER"} & set(t.split())}
     kept = [utt_id_of(rel) for rel, _ in read_tsv(out / "train.tsv")[1]]
     assert set(kept) == set(truth) - dropped
+    assert read_tsv(out / "train.tsv")[0] == read_tsv(lists / "train.tsv")[0]  # same audio root
     assert summary.splits[0].dropped_oov == len(dropped)
     assert (out / "train.oov.txt").read_text().split() == ["SEA", "2", "NORTHANGER", "1"]
     for ext in ("wrd", "ltr", "phn"):
         assert len((out / f"train.{ext}").read_text().splitlines()) == len(kept)
-    # a later run without OOV words leaves no stale list behind
+    # a later run without OOV words, allowed to replace the outputs, leaves no stale list behind
+    make_labels([lists / "train.tsv"], out, lexicon_path=lexicon, force=True)
+    assert not (out / "train.oov.txt").exists()
+    assert len(read_tsv(out / "train.tsv")[1]) == len(truth)
+
+
+def test_existing_outputs_are_refused_unless_forced(libri, tmp_path):
+    root, truth, lexicon = libri
+    out = tmp_path / "m"
     make_manifest(root, out)
     make_labels([out / "train.tsv"], lexicon_path=lexicon)
-    assert not (out / "train.oov.txt").exists()
+    (out / "train.wrd").write_text("edited by hand\n")
+    before = snapshot(out)
+    with pytest.raises(LabelError, match=r"train.wrd and 5 more output\(s\) exist already; pass --force"):
+        make_labels([out / "train.tsv"], lexicon_path=lexicon)
+    assert snapshot(out) == before
+    make_labels([out / "train.tsv"], lexicon_path=lexicon, force=True)
+    assert len((out / "train.wrd").read_text().splitlines()) == len(truth)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+def test_a_folder_in_place_of_an_output_is_refused_before_any_work(libri, tmp_path):
+    root, truth, lexicon = libri
+    out = tmp_path / "m"
+    make_manifest(root, out)
+    (out / "dict.ltr.txt").mkdir()
+    with pytest.raises(LabelError, match=r"dict.ltr.txt: is a directory"):
+        make_labels([out / "train.tsv"], lexicon_path=lexicon, force=True)
+    assert sorted(p.name for p in out.iterdir()) == ["dict.ltr.txt", "train.tsv"]
+
+
+def test_an_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
+    from manifests.make_manifest import write_atomically
+
+    target = tmp_path / "train.wrd"
+    target.write_text("old\n")
+
+    class Interrupted(Exception):
+        pass
+
+    def fail(*args):
+        raise Interrupted
+
+    monkeypatch.setattr(manifest_mod.os, "replace", fail)  # the process dies before the file is moved
+    with pytest.raises(Interrupted):
+        write_atomically(target, "new\n" * 1000)
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["train.wrd"]
 
 
 def test_missing_transcript_is_an_error_or_a_counted_skip(libri, tmp_path):
     root, truth, lexicon = libri
     sf.write(str(root / "26" / "495" / "26-495-0099.flac"), np.zeros(1600, np.float32), SR)
-    out = tmp_path / "m"
-    make_manifest(root, out)
+    lists, out = tmp_path / "lists", tmp_path / "m"
+    make_manifest(root, lists)
     with pytest.raises(LabelError, match=r"no transcript for .*26-495-0099.flac"):
-        make_labels([out / "train.tsv"])
-    summary = make_labels([out / "train.tsv"], on_missing="skip")
+        make_labels([lists / "train.tsv"])
+    with pytest.raises(LabelError, match=r"1 of 7 utterances would be left out \(0 with OOV words, 1 without"):
+        make_labels([lists / "train.tsv"], on_missing="skip")
+    summary = make_labels([lists / "train.tsv"], out, on_missing="skip")
     assert summary.splits[0].dropped_missing == 1
     assert len(read_tsv(out / "train.tsv")[1]) == len((out / "train.wrd").read_text().splitlines()) == len(truth)
 
@@ -311,6 +392,15 @@ def test_labels_cli(libri, tmp_path, capsys):
     assert "phone inventory" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="lexicon file not found"):
         labels_mod.main([str(out / "train.tsv"), "--lexicon", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit, match=r"^siamctc-labels: error: .*absent.tsv: manifest not found$"):
+        labels_mod.main([str(tmp_path / "absent.tsv"), "--out-dir", str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("build_parser", [labels_mod.build_parser, manifest_mod.build_parser,
+                                          speed_mod.build_parser])
+def test_every_option_has_help(build_parser):
+    for action in build_parser()._actions:
+        assert action.help, action.option_strings or action.dest
 
 
 # ---------------------------------------------------------------- speed_perturb_testset
