@@ -19,21 +19,24 @@ For every speed factor ``s`` and manifest ``{split}.tsv`` this writes
 * the ``*.trans.txt`` transcript files of the source folders, copied alongside the audio, so that
   each copy is a complete LibriSpeech-layout tree of its own.
 
-Speed 1.0 is the original set and is not copied. Samples pushed past full scale by the resampler's
+Outputs of an earlier run (manifests, labels, audio folders) are refused unless ``--force``; every
+audio file of the set is checked before the first copy is written, and each file is written through
+a temporary file. Speed 1.0 is the original set and is not copied. Samples pushed past full scale by the resampler's
 ringing are clipped to [-1, 1] before 16-bit quantisation.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-from manifests.make_manifest import ManifestError, read_tsv, write_tsv
+from manifests.make_manifest import ManifestError, check_outputs, read_tsv, write_atomically, write_tsv
 
 DEFAULT_SPEEDS = (0.8, 0.9, 1.1, 1.2)
 DEFAULT_LABELS = ("wrd", "ltr", "phn", "spm")
@@ -53,8 +56,23 @@ def speed_perturb_file(source: Path, target: Path, speed: float) -> int:
         raise ManifestError(f"{source}: {wav.shape[1]} channels; speed perturbation expects mono audio")
     out = np.clip(perturb(wav, sample_rate, speed=speed, mode="speed"), -1.0, 1.0)
     target.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(target), out, sample_rate, subtype="PCM_16", format="FLAC")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        sf.write(tmp, out, sample_rate, subtype="PCM_16", format="FLAC")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return len(out)
+
+
+def read_audio_checked(source: Path) -> None:
+    """Raises ManifestError unless ``source`` is a readable audio file (header only)."""
+    try:
+        sf.info(str(source))
+    except (RuntimeError, OSError) as err:  # soundfile reports unreadable files as RuntimeError
+        raise ManifestError(f"{source}: cannot read audio ({err})") from None
 
 
 def speed_perturb_testset(
@@ -63,8 +81,11 @@ def speed_perturb_testset(
     speeds: tuple[float, ...] = DEFAULT_SPEEDS,
     out_dir: Path | None = None,
     labels: tuple[str, ...] | None = None,
+    force: bool = False,
 ) -> dict[str, int]:
-    """Writes the perturbed copies of the set ``tsv``; returns {new split: number of files}."""
+    """Writes the perturbed copies of the set ``tsv``; returns {new split: number of files}. Existing
+    outputs (manifests, labels, audio folders) are refused unless ``force``; every input is checked
+    before the first file is written."""
     tsv = Path(tsv)
     split = tsv.name.removesuffix(".tsv")
     out_dir = Path(out_dir) if out_dir is not None else tsv.parent
@@ -82,6 +103,15 @@ def speed_perturb_testset(
             raise ManifestError(f"{label_file}: label file not found")
         if len(label_file.read_text().splitlines()) != len(entries):
             raise ManifestError(f"{label_file}: line count differs from {len(entries)} entries of {tsv}")
+    for rel, _ in entries:
+        if not (root / rel).is_file():
+            raise ManifestError(f"{root / rel}: audio file of {tsv} not found")
+        read_audio_checked(root / rel)
+    new_splits = [speed_split_name(split, s) for s in speeds if s != 1.0]
+    check_outputs([out_dir / f"{name}.{ext}" for name in new_splits for ext in ("tsv", *labels)], force)
+    earlier_audio = [Path(audio_out) / name for name in new_splits if (Path(audio_out) / name).exists()]
+    if earlier_audio and not force:
+        raise ManifestError(f"{earlier_audio[0]}: audio of an earlier run exists; pass --force to replace it")
 
     written = {}
     for speed in (s for s in speeds if s != 1.0):
@@ -94,9 +124,9 @@ def speed_perturb_testset(
         write_tsv(out_dir / f"{name}.tsv", speed_root, rows)
         for folder in sorted({Path(rel).parent for rel, _ in entries}):
             for trans in (root / folder).glob("*.trans.txt"):
-                shutil.copyfile(trans, speed_root / folder / trans.name)
+                write_atomically(speed_root / folder / trans.name, trans.read_text())
         for ext in labels:
-            shutil.copyfile(tsv.parent / f"{split}.{ext}", out_dir / f"{name}.{ext}")
+            write_atomically(out_dir / f"{name}.{ext}", (tsv.parent / f"{split}.{ext}").read_text())
         written[name] = len(rows)
     return written
 
@@ -108,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speeds", type=float, nargs="+", default=list(DEFAULT_SPEEDS), help="speed factors")
     parser.add_argument("--out-dir", type=Path, help="folder for manifests and labels (default: the manifest's)")
     parser.add_argument("--labels", nargs="*", help="label extensions to copy (default: those found)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace manifests, labels and audio folders of earlier runs")
     return parser
 
 
@@ -115,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         written = speed_perturb_testset(args.manifest, args.audio_out, tuple(args.speeds), args.out_dir,
-                                        tuple(args.labels) if args.labels is not None else None)
+                                        tuple(args.labels) if args.labels is not None else None, args.force)
     except ManifestError as err:
         sys.exit(f"siamctc-speed-testsets: error: {err}")
     for name, count in written.items():

@@ -470,3 +470,39 @@ def test_malformed_manifest_and_duplicate_transcripts_are_errors(libri, tmp_path
     bad.write_text(f"{root}\n19/198/19-198-0001.flac 4000\n")
     with pytest.raises(ManifestError, match=r"bad.tsv:2: expected"):
         read_tsv(bad)
+
+
+def test_speed_copies_refuse_earlier_outputs_and_bad_audio_before_writing(libri, tmp_path):
+    root, truth, lexicon = libri
+    out = tmp_path / "m"
+    make_manifest(root, out, split="test")
+    speed_perturb_testset(out / "test.tsv", tmp_path / "audio", (0.9,))
+    before = snapshot(out)
+    with pytest.raises(ManifestError, match=r"test_sp0.9.tsv exist already; pass --force"):
+        speed_perturb_testset(out / "test.tsv", tmp_path / "audio", (0.9,))
+    (out / "test_sp0.9.tsv").unlink()
+    with pytest.raises(ManifestError, match=r"test_sp0.9: audio of an earlier run exists; pass --force"):
+        speed_perturb_testset(out / "test.tsv", tmp_path / "audio", (0.9,))
+    assert speed_perturb_testset(out / "test.tsv", tmp_path / "audio", (0.9,), force=True) == {"test_sp0.9": 6}
+    assert snapshot(out) == before
+    # an unreadable file is found before the first copy of a new speed is written
+    (root / "26" / "495" / "26-495-0005.flac").write_bytes(b"not audio")
+    with pytest.raises(SystemExit, match=r"^siamctc-speed-testsets: error: .*26-495-0005.flac: cannot read audio"):
+        speed_mod.main([str(out / "test.tsv"), "--audio-out", str(tmp_path / "audio"), "--speeds", "1.1"])
+    assert not (tmp_path / "audio" / "test_sp1.1").exists() and not (out / "test_sp1.1.tsv").exists()
+    with pytest.raises(SystemExit, match=r"^siamctc-speed-testsets: error: .*absent.tsv: manifest not found$"):
+        speed_mod.main([str(tmp_path / "absent.tsv"), "--audio-out", str(tmp_path / "audio")])
+
+
+def test_manifest_refuses_to_replace_an_existing_one_unless_forced(libri, tmp_path):
+    root, truth, _ = libri
+    make_manifest(root, tmp_path / "m")
+    (tmp_path / "m" / "train.tsv").write_text("kept\n")
+    with pytest.raises(SystemExit, match=r"^siamctc-manifest: error: .*train.tsv exist already; pass --force"):
+        manifest_mod.main([str(root), "--dest", str(tmp_path / "m")])
+    assert (tmp_path / "m" / "train.tsv").read_text() == "kept\n"
+    manifest_mod.main([str(root), "--dest", str(tmp_path / "m"), "--force"])
+    assert len(read_tsv(tmp_path / "m" / "train.tsv")[1]) == len(truth)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"file: exists and is not a directory"):
+        manifest_mod.main([str(root), "--dest", str(tmp_path / "file")])
