@@ -14,10 +14,12 @@ of a SiamCTC pair can therefore share one padded batch without the padding of th
 leaking into its features.
 """
 
+import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from fairseq.dataclass.utils import merge_with_parent
 from fairseq.models.hubert import HubertConfig, HubertModel
 from fairseq.modules import GradMultiply
@@ -26,8 +28,7 @@ from omegaconf import OmegaConf
 from .checkpoints import HUBERT, WAVLM, Checkpoint, CheckpointError, hubert_label_set_sizes, label_dictionary, plain
 from .wavlm import WavLM, WavLMConfig, conv_output_lengths, lengths_to_padding_mask, masked_channel_norm
 
-# encoder settings a SiamCTC config may override (same names in HuBERT's and WavLM's configs);
-# checkpoint_activations: HuBERT through fairseq's own layer wrapper, WavLM through its own
+# encoder settings a SiamCTC config may override (same names in HuBERT's and WavLM's configs)
 OVERRIDABLE = (
     "dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop", "dropout_input", "mask_prob",
     "checkpoint_activations",
@@ -50,6 +51,9 @@ def build_encoder(record: Dict[str, Any], overrides: Optional[Dict[str, Any]] = 
     settings of its config (dropouts, ``feature_grad_mult``, ...)."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     if record["kind"] == HUBERT:
+        # not fairseq's checkpoint_activations: its wrapper recomputes without the autocast state of the
+        # forward pass, so under torch.autocast the recomputed layer fails on mixed dtypes
+        checkpointed = bool(overrides.pop("checkpoint_activations", False))
         cfg = OmegaConf.create(record["cfg"])
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
         model_cfg.setdefault("label_rate", cfg.task.get("label_rate", -1.0))
@@ -60,10 +64,27 @@ def build_encoder(record: Dict[str, Any], overrides: Optional[Dict[str, Any]] = 
         model = HubertModel(hubert_cfg, cfg.task, dictionaries)
         if not record.get("final_proj", True):
             model.final_proj = None
+        if checkpointed:
+            checkpoint_layers(model.encoder.layers)
         return model
     if record["kind"] == WAVLM:
         return WavLM(WavLMConfig.from_dict({**record["cfg"], **overrides}))
     raise CheckpointError(f"unknown encoder kind {record['kind']!r}")
+
+
+def _checkpointed_forward(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_layers(layers: nn.ModuleList) -> None:
+    """Activation checkpointing of each layer: only its input is kept for the backward pass, which
+    runs the layer again. Non-reentrant torch.utils.checkpoint restores the dropout RNG and the
+    autocast state and works with frozen inputs; parameter names stay as they are (the forward
+    method is replaced, as fairseq's ``checkpoint_wrapper`` does)."""
+    for layer in layers:
+        layer.forward = functools.partial(_checkpointed_forward, layer.forward)
 
 
 def load_encoder(checkpoint: Checkpoint, overrides: Optional[Dict[str, Any]] = None) -> Tuple[Dict[str, Any], nn.Module]:
