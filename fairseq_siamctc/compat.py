@@ -140,8 +140,68 @@ def _convert_waveform_without_sox() -> None:
 
 # Fix 5. Several training processes on CPU (gloo) fail, because fairseq sizes its process pool
 # by ``torch.cuda.device_count()``: "world size is 2 but have 0 available devices", then
-# ``torch.cuda.ByteTensor`` in ``all_gather_list``. Without CUDA, spawn one process per rank on
-# this host and gather with ``all_gather_object``; with CUDA nothing changes.
+# ``torch.cuda.ByteTensor`` in ``all_gather_list``. Without CUDA and with the gloo backend, spawn
+# one process per rank on this host and gather with ``all_gather_object``; with CUDA nothing
+# changes. Without CUDA, settings that need a GPU (fairseq's default NCCL backend, fp16) are
+# refused in one line, instead of every spawned process failing with "ProcessGroupNCCL is only
+# supported with GPUs" or a traceback ending in "Found no NVIDIA driver on your system".
+class LaunchError(SystemExit):
+    """A training configuration that cannot run on this machine; exits with its message."""
+
+
+def gpu_only_settings(cfg) -> list:
+    """(setting, CPU override) for each setting of ``cfg`` that needs a GPU; empty with CUDA or a TPU."""
+    if torch.cuda.is_available() or cfg.common.tpu:
+        return []
+    dt = cfg.distributed_training
+    needs_gpu = [(f"common.{key}=true", f"common.{key}=false")
+                 for key in ("fp16", "bf16", "amp") if cfg.common.get(key)]
+    if dt.distributed_world_size > 1 and dt.distributed_backend != "gloo":
+        needs_gpu.append((f"distributed_world_size={dt.distributed_world_size} over "
+                          f"{dt.distributed_backend}", "distributed_training.distributed_world_size=1"))
+    return needs_gpu
+
+
+def check_cpu_launch(cfg) -> None:
+    """Raises LaunchError, naming the settings, when ``cfg`` needs a GPU that this machine lacks."""
+    needs_gpu = gpu_only_settings(cfg)
+    if needs_gpu:
+        raise LaunchError(
+            f"fairseq-hydra-train: error: this machine has no GPU, but the config asks for one "
+            f"({', '.join(setting for setting, _ in needs_gpu)}): add +cpu=check to the plugin's configs, "
+            f"or override {' '.join(fix for _, fix in needs_gpu)} (several CPU processes: "
+            f"distributed_training.distributed_backend=gloo distributed_training.ddp_backend=legacy_ddp)"
+        )
+
+
+# Hydra runs the job in its output folder, so a relative path on the command line would be read
+# from there. These are the options that name inputs; they are made absolute against the folder
+# fairseq-hydra-train was started in. Outputs (``tensorboard_logdir``, ``save_dir``) stay relative
+# to the run folder, as in fairseq.
+INPUT_PATH_OPTIONS = (("task", "data"), ("task", "label_dir"), ("model", "encoder_path"),
+                      ("model", "w2v_path"))
+
+
+def resolve_input_paths(cfg, launch_dir: str) -> None:
+    """Makes the relative input paths of ``cfg`` (INPUT_PATH_OPTIONS) absolute against ``launch_dir``."""
+    import os
+
+    from omegaconf import open_dict
+
+    for group, key in INPUT_PATH_OPTIONS:
+        section = cfg.get(group)
+        value = section.get(key) if section is not None else None
+        if isinstance(value, str) and value and value != "???" and not os.path.isabs(value):
+            with open_dict(section):
+                section[key] = os.path.normpath(os.path.join(launch_dir, os.path.expanduser(value)))
+
+
+def _launch_dir():
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.cwd if HydraConfig.initialized() else None
+
+
 def _cpu_distributed_training() -> None:
     from fairseq.distributed import utils as distributed_utils
 
@@ -151,6 +211,10 @@ def _cpu_distributed_training() -> None:
     gpu_all_gather_list = distributed_utils.all_gather_list
 
     def call_main(cfg, main, **kwargs):
+        launch_dir = _launch_dir()
+        if launch_dir is not None:
+            resolve_input_paths(cfg, launch_dir)
+        check_cpu_launch(cfg)
         dt = cfg.distributed_training
         if (
             torch.cuda.is_available()

@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import fairseq_siamctc  # noqa: F401  (applies the fixes)
 from conftest import hubert_pretrain_args, run_fairseq
@@ -118,3 +119,60 @@ def test_applying_the_fixes_again_changes_nothing():
     compat.apply()
     assert (distributed_utils.call_main, distributed_utils.all_gather_list,
             MODEL_DATACLASS_REGISTRY["hubert_ctc"], data_utils.np, audio_utils.convert_waveform) == before
+
+
+def _launch_cfg(**overrides):
+    from fairseq.dataclass.configs import FairseqConfig
+
+    cfg = OmegaConf.structured(FairseqConfig)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check applies to machines without CUDA")
+def test_gpu_only_settings_are_named_on_a_cpu():
+    from fairseq_siamctc.compat import gpu_only_settings
+
+    assert gpu_only_settings(_launch_cfg()) == []
+    assert gpu_only_settings(_launch_cfg(**{"distributed_training.distributed_world_size": 2,
+                                            "distributed_training.distributed_backend": "gloo"})) == []
+    named = gpu_only_settings(_launch_cfg(**{"common.fp16": True,
+                                             "distributed_training.distributed_world_size": 8}))
+    assert [setting for setting, _ in named] == ["common.fp16=true", "distributed_world_size=8 over nccl"]
+    assert [fix for _, fix in named] == ["common.fp16=false", "distributed_training.distributed_world_size=1"]
+
+
+def test_relative_input_paths_are_read_from_the_launch_folder(tmp_path):
+    from fairseq_siamctc.compat import resolve_input_paths
+
+    cfg = _launch_cfg(**{"task.data": "manifests"})
+    OmegaConf.update(cfg, "model", {"encoder_path": "../ckpt/base.pt", "w2v_path": "/abs/ft.pt"}, force_add=True)
+    resolve_input_paths(cfg, str(tmp_path / "launch"))
+    assert cfg.task.data == str(tmp_path / "launch" / "manifests")
+    assert cfg.model.encoder_path == str(tmp_path / "ckpt" / "base.pt")
+    assert cfg.model.w2v_path == "/abs/ft.pt"  # absolute paths stay as given
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check applies to machines without CUDA")
+@pytest.mark.parametrize("overrides, named", [
+    (["distributed_training.distributed_world_size=2", "distributed_training.distributed_port=-1"],
+     "distributed_world_size=2 over nccl"),
+    (["common.fp16=true"], "common.fp16=true"),
+])
+def test_cpu_run_that_needs_a_gpu_stops_in_one_line(audio_corpus, tmp_path, overrides, named):
+    """Without CUDA, fairseq's default NCCL backend (or fp16) is refused before any process starts."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    args = [str(a) for a in hubert_pretrain_args(audio_corpus, tmp_path, *overrides)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([str(pathlib.Path(sys.executable).parent / "fairseq-hydra-train"), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fairseq-hydra-train: error: this machine has no GPU") and named in last
+    assert "Traceback" not in proc.stderr and "ProcessGroupNCCL" not in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
