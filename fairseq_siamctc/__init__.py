@@ -5,11 +5,19 @@ applies the compatibility fixes for the current PyTorch/Python stack and registe
 model and criterion of the project with fairseq.
 """
 
-from . import compat  # noqa: F401  (first: the fixes must be in place before fairseq code runs)
+import warnings
 
-compat.apply()
+# fairseq's modules decorate functions with torch.jit.script when they are imported, and each
+# decoration is a FutureWarning on PyTorch >= 2.10: noise that no user of the plugin can act on.
+# Only these imports are silenced; warnings of the user's own code are left alone.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
-from . import criterions, models, tasks  # noqa: E402,F401
+    from . import compat  # noqa: F401  (first: the fixes must be in place before fairseq code runs)
+
+    compat.apply()
+
+    from . import criterions, models, tasks  # noqa: E402,F401
 
 
 def _register_user_dir_resolver() -> None:

@@ -1,1 +1,5 @@
 """Console scripts."""
+
+from .console import quiet
+
+quiet()
