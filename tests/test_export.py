@@ -1,5 +1,7 @@
 """Round trip: tiny base checkpoint -> siamctc training through fairseq-hydra-train -> siamctc-export ->
-reload with the base model's own loader -> fairseq's stock CTC fine-tuning; and siamctc-extract-features.
+reload with the base model's own loader -> fairseq's stock CTC fine-tuning; the same from and back to a
+Hugging Face directory (transformers' own from_pretrained as the reference), s3prl's converted layout,
+safe outputs; and siamctc-extract-features.
 
 Training uses the plugin's own ``siamctc`` task and criterion, found through ``common.user_dir``."""
 
@@ -16,8 +18,10 @@ import fairseq_siamctc  # noqa: F401
 from conftest import CPU_OVERRIDES, PLUGIN_DIR, run_fairseq, write_audio_corpus
 from fairseq_siamctc.cli import export, extract_features
 from fairseq_siamctc.models.checkpoints import CheckpointError, read_checkpoint
+from fairseq_siamctc.models.encoders import encoder_features
 from fairseq_siamctc.models.siamctc import SiamCTCModel
 from fairseq_siamctc.models.wavlm import WavLM, read_wavlm_checkpoint
+from test_formats import hf_model, s3prl_style_load
 from tiny_checkpoints import tiny_hubert_checkpoint, tiny_wavlm_checkpoint
 
 torch.set_num_threads(1)
@@ -127,6 +131,100 @@ def test_wavlm_round_trip(corpus, tmp_path):
 
     finetune_ctc(corpus, {"_name": "wavlm_ctc", "w2v_path": str(exported)}, tmp_path / "ctc")
 
+    # the same run as a Hugging Face directory: transformers' WavLMModel computes the trained encoder
+    assert export.main([str(trained), str(tmp_path / "wavlm_hf"), "--format", "hf"]) == 0
+    assert_hf_features_equal(tmp_path / "wavlm_hf", SiamCTCModel.from_checkpoint(read_checkpoint(trained)).encoder)
+
+
+def assert_hf_features_equal(directory, encoder, samples=9_000):
+    """transformers' from_pretrained on an export computes the plugin's features (float32 rounding: 1e-5)."""
+    source = 0.1 * torch.randn(1, samples, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, _ = encoder_features(encoder.eval(), source)
+        got = hf_model(directory)(source).last_hidden_state
+    assert (got - expected).abs().max() <= 1e-5
+
+
+def test_hubert_exports_to_hf_and_s3prl(hubert_run, tmp_path):
+    _, trained = hubert_run
+    model = SiamCTCModel.from_checkpoint(read_checkpoint(trained))
+    assert export.main([str(trained), str(tmp_path / "fairseq.pt")]) == 0
+    assert export.main([str(trained), str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert_hf_features_equal(tmp_path / "hf", model.encoder)
+    # nothing is lost: the directory reads back to the fairseq export's weights, the heads are beside it
+    fairseq_state = read_checkpoint(tmp_path / "fairseq.pt").model
+    back = read_checkpoint(tmp_path / "hf")
+    assert back.model.keys() == fairseq_state.keys()
+    assert all(torch.equal(back.model[k], v) for k, v in fairseq_state.items())
+    siamctc_state = torch.load(trained)["model"]
+    for name in ("phi.weight", "psi.bias"):
+        assert torch.equal(back.state["hf_heads"][name], siamctc_state[name])
+    # s3prl's converted layout, loaded the way s3prl's hubert_local loads it
+    assert export.main([str(trained), str(tmp_path / "s3prl.pt"), "--format", "s3prl"]) == 0
+    source = 0.1 * torch.randn(1, 9_000, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, _ = encoder_features(model.encoder.eval(), source)
+        got = s3prl_style_load(tmp_path / "s3prl.pt").extract_features(source, padding_mask=None, mask=False)[0]
+    assert torch.equal(got, expected)
+
+
+def test_export_outputs_are_safe(hubert_run, tmp_path, capsys, monkeypatch):
+    _, trained = hubert_run
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"old")
+    assert export.main([str(trained), str(out)]) == 1
+    assert "exists; use --force" in capsys.readouterr().err and out.read_bytes() == b"old"
+    assert export.main([str(trained), str(tmp_path)]) == 1  # a directory target, refused before any work
+    assert "is a directory; --format fairseq writes one file" in capsys.readouterr().err
+    assert export.main([str(trained), str(out), "--format", "hf"]) == 1
+    assert "is a file; --format hf writes a directory" in capsys.readouterr().err
+    # a failure while writing leaves the old output and no temporary file
+    def broken_save(obj, f, *args, **kwargs):
+        with open(f, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    assert export.main([str(trained), str(out), "--force"]) == 1
+    assert "disk full" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.pt"]
+    assert export.main([str(trained), str(out), "--force"]) == 0
+    assert read_checkpoint(out).kind == "hubert"
+    hf_dir = tmp_path / "hf"
+    assert export.main([str(trained), str(hf_dir), "--format", "hf"]) == 0
+    (hf_dir / "marker").write_text("old")
+    assert export.main([str(trained), str(hf_dir), "--format", "hf"]) == 1
+    assert export.main([str(trained), str(hf_dir), "--format", "hf", "--force"]) == 0
+    assert not (hf_dir / "marker").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out.pt"]
+
+
+def test_siamctc_run_from_a_hugging_face_directory(corpus, tmp_path):
+    """A HubertModel directory written by transformers -> SiamCTC through fairseq-hydra-train -> back
+    to a directory transformers loads, and to a fairseq checkpoint that stock hubert_ctc fine-tunes."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.HubertConfig(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        conv_dim=(32,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
+        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+    )
+    torch.manual_seed(0)
+    transformers.HubertModel(config).save_pretrained(str(tmp_path / "hf_base"))
+    transformers.Wav2Vec2FeatureExtractor(do_normalize=False).save_pretrained(str(tmp_path / "hf_base"))
+    trained = train_siamctc(corpus, tmp_path / "hf_base", tmp_path / "siamctc")
+    model = SiamCTCModel.from_checkpoint(read_checkpoint(trained))
+    assert model.projection is not None and model.encoder.final_proj is None  # its own projection, none invented
+    assert export.main([str(trained), str(tmp_path / "hf_out"), "--format", "hf"]) == 0
+    assert_hf_features_equal(tmp_path / "hf_out", model.encoder)
+    base_state = transformers.HubertModel.from_pretrained(str(tmp_path / "hf_base")).state_dict()
+    out_state = hf_model(tmp_path / "hf_out").state_dict()
+    assert not torch.equal(out_state["encoder.layers.1.feed_forward.intermediate_dense.weight"],
+                           base_state["encoder.layers.1.feed_forward.intermediate_dense.weight"])
+    assert export.main([str(trained), str(tmp_path / "s3prl.pt"), "--format", "s3prl"]) == 1
+    assert export.main([str(trained), str(tmp_path / "fairseq.pt")]) == 0
+    finetune_ctc(corpus, {"_name": "hubert_ctc", "w2v_path": str(tmp_path / "fairseq.pt")}, tmp_path / "ctc")
+
 
 def test_export_refuses_other_checkpoints(hubert_run, tmp_path, capsys):
     base, _ = hubert_run
@@ -218,7 +316,7 @@ def test_extract_features_of_a_wavlm_checkpoint(audio_dir, tmp_path, capsys):
         ref, _ = reference.extract_features(torch.from_numpy(wav)[None], output_layer=1)
     features = np.load(out / "utt_b.npy")
     assert features.shape == tuple(ref.shape[1:]) and np.abs(features - ref[0].numpy()).max() <= 1e-5
-    assert extract_features.main(["--checkpoint", str(tmp_path / "wavlm.pt"), "--projected", "--out", str(out),
+    assert extract_features.main(["--checkpoint", str(tmp_path / "wavlm.pt"), "--projected", "--out", str(out), "--force",
                                   str(audio_dir / "utt_b.wav")]) == 1
     assert "has no 256-dimensional projection of its own" in capsys.readouterr().err
 
@@ -230,6 +328,7 @@ def test_plot_alignment_of_a_siamctc_checkpoint(hubert_run, audio_dir, tmp_path,
     assert plot_alignment.main(["--checkpoint", str(hubert_run[1]), "--manifest", str(audio_dir / "list.tsv"),
                                 "--speed", "0.8", "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(SystemExit, match="--index 3: .* has 1 utterances"):
-        plot_alignment.main(["--checkpoint", str(hubert_run[1]), "--manifest", str(audio_dir / "list.tsv"),
-                             "--index", "3", "--out", str(out)])
+    capsys.readouterr()
+    assert plot_alignment.main(["--checkpoint", str(hubert_run[1]), "--manifest", str(audio_dir / "list.tsv"),
+                                "--index", "3", "--out", str(out)]) == 1
+    assert "--index 3: " in capsys.readouterr().err
