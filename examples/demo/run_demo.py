@@ -138,7 +138,7 @@ class Demo:
             f"dataset.batch_size={self.settings['batch_size']}",
             f"lr_scheduler.warmup_updates={max(1, self.settings['siamctc_updates'] // 5)}",
         ])
-        self.run("export", [BIN / "siamctc-export", self.siamctc_checkpoint, self.siamctc_export])
+        self.run("export", [BIN / "siamctc-export", "--force", self.siamctc_checkpoint, self.siamctc_export])
 
     def continued(self):
         updates = self.settings["control_updates"]
