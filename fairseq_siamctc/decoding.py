@@ -4,9 +4,12 @@ Two things make a padded batch differ from a batch of one in stock fairseq:
 
 * HuBERT Base, wav2vec 2.0 Base and WavLM Base normalise their first convolution's output with a
   GroupNorm over the whole time axis, so the zeros a batch appends to a short utterance change its
-  features. ``padding_independent_logits`` takes those statistics over each utterance's own frames
-  (``models.encoders.hubert_features``; the plugin's WavLM does so itself), and derives each
-  utterance's frame count from the convolution arithmetic, as a batch of one would have it.
+  features. ``padding_independent_logits`` takes those statistics over each utterance's own frames:
+  on a CPU by running HuBERT's and wav2vec 2.0's convolutions on each utterance alone (no padded
+  audio convolved) and only the transformer on the padded batch, on a GPU by a group norm
+  restricted to each utterance's frames (``models.encoders.hubert_features``; the plugin's WavLM
+  does so itself), so that the whole batch is a few kernel launches. Frame counts are each
+  utterance's own.
 * Frames after an utterance's end still get logits (stock ``hubert_ctc``'s ``get_logits`` does not
   mask them), so they are set to certain blank before the argmax.
 
@@ -45,30 +48,61 @@ def padding_independent(model: nn.Module) -> bool:
     return False
 
 
-def padding_independent_logits(
-    model: nn.Module, source: torch.Tensor, padding_mask: torch.Tensor
+def cnn_then_batched_encoder(
+    model: nn.Module, waves: Sequence[torch.Tensor]
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A fine-tuned CTC model's logits, each utterance's as if it were decoded alone.
+    """``extract_features`` of a HubertModel or Wav2Vec2Model (no masking), padding-independent.
 
-    source (B, S) float waveforms, right-padded; padding_mask (B, S) bool, True at padding.
-    Returns logits (B, T, V) (frames after an utterance's end hold garbage) and frame lengths (B,).
-    The model must be in eval mode and ``padding_independent(model)``.
+    The convolutional feature extractor runs on each utterance alone: its group norm sees only the
+    utterance's own frames and no padded audio is convolved (the choice on a CPU, where the
+    convolutions' cost is their arithmetic); the transformer, which masks padded keys, runs once
+    on the padded batch. waves: B tensors (N_b,) -> x (B, T, D), frame lengths (B,).
+    """
+    features = [model.feature_extractor(wave[None])[0].transpose(0, 1) for wave in waves]  # (T_b, C) each
+    lengths = torch.tensor([f.size(0) for f in features], device=features[0].device)
+    features = model.layer_norm(torch.nn.utils.rnn.pad_sequence(features, batch_first=True))
+    if model.post_extract_proj is not None:
+        features = model.post_extract_proj(features)
+    padding_mask = torch.arange(features.size(1), device=lengths.device)[None, :] >= lengths[:, None]
+    x, _ = model.encoder(model.dropout_input(features), padding_mask=padding_mask)
+    return x, lengths
+
+
+def padding_independent_logits(
+    model: nn.Module, waves: Sequence[torch.Tensor], batch_convolutions: Optional[bool] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A fine-tuned CTC model's logits for B utterances, each utterance's as if it were decoded alone.
+
+    waves: B float tensors (N_b,) on the model's device. Returns logits (B, T, V) (frames after an
+    utterance's end hold garbage) and frame lengths (B,). The model must be in eval mode and
+    ``padding_independent(model)``. ``batch_convolutions``: HuBERT's and wav2vec 2.0's convolutions
+    on the padded batch with each utterance's own group-norm statistics (``hubert_features``: a few
+    kernel launches for the batch, the choice on a GPU) or on each utterance alone
+    (``cnn_then_batched_encoder``: no padded audio convolved, the choice on a CPU); None: by the
+    device. Both give the batch-of-one features to float rounding.
     """
     encoder = model.w2v_encoder
-    if isinstance(encoder.w2v_model, WavLM):
-        x, frame_padding = encoder.w2v_model.extract_features(source, padding_mask=padding_mask, mask=False)
-    else:  # HubertModel and Wav2Vec2Model share the attributes hubert_features reads
-        x, frame_padding = hubert_features(encoder.w2v_model, source, padding_mask)
+    device = waves[0].device
+    if batch_convolutions is None:
+        batch_convolutions = device.type != "cpu"
+    if isinstance(encoder.w2v_model, WavLM) or batch_convolutions:
+        source = torch.nn.utils.rnn.pad_sequence(list(waves), batch_first=True)
+        sample_lengths = torch.tensor([len(w) for w in waves], device=device)
+        padding_mask = torch.arange(source.size(1), device=device)[None, :] >= sample_lengths[:, None]
+        if isinstance(encoder.w2v_model, WavLM):  # its group norm takes each utterance's own frames itself
+            x, frame_padding = encoder.w2v_model.extract_features(source, padding_mask=padding_mask, mask=False)
+        else:
+            x, frame_padding = hubert_features(encoder.w2v_model, source, padding_mask)
+        lengths = (torch.full((x.size(0),), x.size(1), dtype=torch.long, device=device) if frame_padding is None
+                   else (~frame_padding).sum(-1))
+    else:
+        x, lengths = cnn_then_batched_encoder(encoder.w2v_model, waves)
     x = encoder.final_dropout(x)
     if encoder.proj is not None:
         x = encoder.proj(x)
     # the model's own logit adjustments (wav2vec_ctc's blank weight), padding handled below
     logits = model.get_logits({"encoder_out": x.transpose(0, 1), "padding_mask": None,
                                "encoder_padding_mask": None}).transpose(0, 1)
-    if frame_padding is None:
-        lengths = torch.full((x.size(0),), x.size(1), dtype=torch.long, device=x.device)
-    else:
-        lengths = (~frame_padding).sum(-1)
     return logits, lengths
 
 

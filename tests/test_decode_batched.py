@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 
 import fairseq_siamctc  # noqa: F401  (compatibility fixes: hubert_ctc's config)
 from fairseq_siamctc.cli.decode import CtcRecognizer
-from fairseq_siamctc.decoding import (greedy_ctc, length_sorted_batches, mask_padded_frames, padding_independent,
-                                      padding_independent_logits)
+from fairseq_siamctc.decoding import (cnn_then_batched_encoder, greedy_ctc, length_sorted_batches, mask_padded_frames,
+                                      padding_independent, padding_independent_logits)
 from fairseq_siamctc.models.encoders import hubert_features
 from fairseq_siamctc.models.wavlm_ctc import WavLMCtc, WavLMCtcConfig
 from tiny_checkpoints import TINY_CONV, tiny_hubert_checkpoint, tiny_wavlm_checkpoint
@@ -108,24 +108,26 @@ def test_batched_decoding_gives_the_one_at_a_time_hypotheses(kind, tmp_path):
         assert recognizer.decode_batch(wavs[::-1]) == alone[::-1]
         assert sum(map(len, alone)) > 0
     # the logits themselves: each utterance's valid frames as alone, the frame counts as alone
-    source = torch.zeros(len(wavs), max(map(len, wavs)))
-    padding_mask = torch.ones_like(source, dtype=torch.bool)
-    for b, w in enumerate(wavs):
-        source[b, :len(w)] = torch.from_numpy(w)
-        padding_mask[b, :len(w)] = False
+    waves = [torch.from_numpy(w) for w in wavs]
+    source = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+    padding_mask = torch.arange(source.size(1))[None] >= torch.tensor([len(w) for w in wavs])[:, None]
     with torch.no_grad():
-        logits, lengths = padding_independent_logits(model, source, padding_mask)
         stock = model(source=source, padding_mask=padding_mask)["encoder_out"].transpose(0, 1)
-        for b, w in enumerate(wavs):
-            single = model(source=torch.from_numpy(w)[None], padding_mask=None)["encoder_out"][:, 0]
-            assert lengths[b] == single.size(0)
-            torch.testing.assert_close(logits[b, :lengths[b]], single, atol=2e-5, rtol=1e-5)
-            if kind == "hubert_ctc" and b == 0:  # stock fairseq: the padding changes the shortest one
-                assert (stock[b, :lengths[b]] - single).abs().max() > 1e-2
+        for batch_convolutions in (False, True):  # the CPU's way and the GPU's way
+            logits, lengths = padding_independent_logits(model, waves, batch_convolutions)
+            for b, wave in enumerate(waves):
+                single = model(source=wave[None], padding_mask=None)["encoder_out"][:, 0]
+                assert lengths[b] == single.size(0)
+                torch.testing.assert_close(logits[b, :lengths[b]], single, atol=2e-5, rtol=1e-5)
+                if kind == "hubert_ctc" and b == 0:  # stock fairseq: the padding changes the shortest one
+                    assert (stock[b, :lengths[b]] - single).abs().max() > 1e-2
+            recognizer = CtcRecognizer(model, dictionary, False, dictionary.bos())
+            assert greedy_ctc(logits, lengths, recognizer.blank_index, recognizer.removed) == [
+                recognizer.decode(w) for w in wavs]
 
 
-def test_wav2vec2_backbone_takes_per_utterance_statistics_too():
-    """hubert_features reads only attributes that Wav2Vec2Model shares with HubertModel."""
+def test_wav2vec2_backbone_is_batched_the_same_way():
+    """cnn_then_batched_encoder reads only what Wav2Vec2Model shares with HubertModel."""
     torch.manual_seed(0)
     model = Wav2Vec2Model(Wav2Vec2Config(
         encoder_layers=2, encoder_embed_dim=32, encoder_ffn_embed_dim=48, encoder_attention_heads=4,
@@ -134,16 +136,17 @@ def test_wav2vec2_backbone_takes_per_utterance_statistics_too():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(0.1 * torch.randn_like(param))
-    wavs = [torch.from_numpy(w) for w in waveforms(seed=1, seconds=(0.5, 0.9))]
-    source = torch.zeros(2, len(wavs[1]))
-    source[0, :len(wavs[0])], source[1] = wavs[0], wavs[1]
-    padding_mask = torch.arange(source.size(1))[None] >= torch.tensor([len(w) for w in wavs])[:, None]
+    waves = [torch.from_numpy(w) for w in waveforms(seed=1, seconds=(0.5, 0.9, 0.6))]
+    source = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+    padding_mask = torch.arange(source.size(1))[None] >= torch.tensor([len(w) for w in waves])[:, None]
     with torch.no_grad():
-        x, frame_padding = hubert_features(model, source, padding_mask)
-        for b, w in enumerate(wavs):
-            single = model.extract_features(w[None], padding_mask=None)["x"][0]
-            assert (~frame_padding[b]).sum() == single.size(0)
-            torch.testing.assert_close(x[b, :single.size(0)], single, atol=2e-5, rtol=1e-5)
+        x, lengths = cnn_then_batched_encoder(model, waves)
+        x_gpu_way, frame_padding = hubert_features(model, source, padding_mask)
+        for b, wave in enumerate(waves):
+            single = model.extract_features(wave[None], padding_mask=None)["x"][0]
+            assert lengths[b] == single.size(0) == (~frame_padding[b]).sum()
+            torch.testing.assert_close(x[b, :lengths[b]], single, atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(x_gpu_way[b, :lengths[b]], single, atol=2e-5, rtol=1e-5)
     wrapped = types.SimpleNamespace(w2v_encoder=types.SimpleNamespace(w2v_model=model, is_d2v_multi=False))
     assert padding_independent(wrapped)
     model.crop_seq_to_multiple = 2  # crops the batch's frames: not padding-independent

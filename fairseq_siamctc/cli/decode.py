@@ -9,7 +9,8 @@ order) and ``OUT/{split}.json`` with the error rate and the throughput.
 
 Batches. Utterances are decoded in length-sorted batches, and each utterance's result is exactly
 the one it gets alone: the group-norm statistics of the first convolution come from its own frames
-and padded frames are blank before the argmax (``fairseq_siamctc.decoding``). A model that is not
+(the convolutions run per utterance, the transformer on the batch) and padded frames are blank
+before the argmax (``fairseq_siamctc.decoding``). A model that is not
 known to allow that is decoded one utterance at a time.
 
 Language model. With ``--lexicon`` (and usually ``--lm``, an ARPA or binary KenLM model), a
@@ -48,7 +49,7 @@ from fairseq import checkpoint_utils
 from fairseq.data.data_utils import post_process
 
 from ..data.audio import read_audio
-from ..data.paired_audio_dataset import normalize_waveform, pad_waveforms, read_manifest
+from ..data.paired_audio_dataset import normalize_waveform, read_manifest
 from ..decoding import greedy_ctc, length_sorted_batches, padding_independent, padding_independent_logits
 from ..lm_decoding import WORD_BOUNDARY, LMDecoderOptions, build_lm_decoder, lm_decode
 
@@ -146,8 +147,8 @@ class CtcRecognizer:
             source = torch.as_tensor(wavs[0], dtype=torch.float32, device=self.device)[None]
             logits = self.model.get_logits(self.model(source=source, padding_mask=None)).transpose(0, 1)
             return logits, torch.tensor([logits.size(1)], device=self.device)
-        source, padding_mask = pad_waveforms([torch.from_numpy(np.asarray(w, dtype=np.float32)) for w in wavs])
-        return padding_independent_logits(self.model, source.to(self.device), padding_mask.to(self.device))
+        waves = [torch.as_tensor(np.asarray(w, dtype=np.float32)).to(self.device) for w in wavs]
+        return padding_independent_logits(self.model, waves)
 
     def decode_batch(self, wavs: Sequence[np.ndarray]) -> List[List[int]]:
         """B waveforms -> B greedy label sequences, each exactly as ``decode`` gives it."""
