@@ -221,6 +221,14 @@ def test_siamctc_run_from_a_hugging_face_directory(corpus, tmp_path):
     out_state = hf_model(tmp_path / "hf_out").state_dict()
     assert not torch.equal(out_state["encoder.layers.1.feed_forward.intermediate_dense.weight"],
                            base_state["encoder.layers.1.feed_forward.intermediate_dense.weight"])
+    # --projected on the directory: SiamCTC's trained projection, kept in the side file
+    audio = tmp_path / "utt.wav"
+    sf.write(audio, 0.1 * np.random.default_rng(4).standard_normal(12_000).astype(np.float32), 16_000)
+    assert extract_features.main(["--checkpoint", str(tmp_path / "hf_out"), "--projected", "--out",
+                                  str(tmp_path / "projected"), str(audio)]) == 0
+    with torch.no_grad():
+        reference, _ = model.eval().features(torch.from_numpy(sf.read(audio, dtype="float32")[0])[None])
+    assert np.abs(np.load(tmp_path / "projected" / "utt.npy") - reference[0].numpy()).max() <= 1e-5
     assert export.main([str(trained), str(tmp_path / "s3prl.pt"), "--format", "s3prl"]) == 1
     assert export.main([str(trained), str(tmp_path / "fairseq.pt")]) == 0
     finetune_ctc(corpus, {"_name": "hubert_ctc", "w2v_path": str(tmp_path / "fairseq.pt")}, tmp_path / "ctc")

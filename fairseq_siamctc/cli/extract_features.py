@@ -62,7 +62,7 @@ class FeatureExtractor:
         checkpoint = read_checkpoint(checkpoint_path)
         projection: Optional[Callable] = None
         if checkpoint.kind == SIAMCTC:
-            model = SiamCTCModel.from_checkpoint(checkpoint)
+            model = SiamCTCModel.from_checkpoint(checkpoint).to(device)  # its own projection too
             record, encoder = model.record, model.encoder
             if projected:
                 trained_layer = model.cfg.feature_layer
@@ -74,7 +74,10 @@ class FeatureExtractor:
                 layer, projection = trained_layer, model.project
         else:
             record, encoder = load_encoder(checkpoint)
-            if projected:
+            if projected and "projection.weight" in checkpoint.state.get("hf_heads", {}):
+                # a Hugging Face export of a SiamCTC run: its trained projection is in the side file
+                layer, projection = _side_file_projection(checkpoint, layer, num_layers(encoder))
+            elif projected:
                 own = hubert_projection(encoder, PROJECTION_DIM)
                 if own is None:
                     raise ValueError(
@@ -88,7 +91,7 @@ class FeatureExtractor:
             raise ValueError(f"--layer must be between 1 and {num_layers(encoder)} for {checkpoint_path}, got {layer}")
         self.kind = checkpoint.kind
         self.encoder = encoder.to(device).eval()
-        self.projection = projection
+        self.projection = projection if not isinstance(projection, torch.nn.Module) else projection.to(device)
         self.layer = layer
         self.normalize = normalizes_audio(record)
         self.device = device
@@ -104,6 +107,18 @@ class FeatureExtractor:
         if self.projection is not None:
             x = self.projection(x)
         return x[0].float().cpu().numpy()
+
+
+def _side_file_projection(checkpoint, layer: Optional[int], n_layers: int):
+    """(layer, projection) of the SiamCTC projection kept beside a Hugging Face export."""
+    heads, metadata = checkpoint.state["hf_heads"], checkpoint.state.get("hf_metadata", {})
+    trained_layer = metadata.get("feature_layer")
+    if layer is not None and layer != (trained_layer or n_layers):
+        raise ValueError(f"--projected: the projection of {checkpoint.path} was trained on layer {trained_layer or n_layers}, not --layer {layer}")
+    weight, bias = heads["projection.weight"], heads["projection.bias"]
+    projection = torch.nn.Linear(weight.size(1), weight.size(0))
+    projection.load_state_dict({"weight": weight, "bias": bias})
+    return trained_layer, projection.eval()
 
 
 def audio_files(inputs: List[str]) -> List[Path]:
