@@ -160,3 +160,31 @@ def test_decode_lm_errors_are_one_line(stock_hubert_runs, audio_corpus, tmp_path
     with pytest.raises(SystemExit) as exit_info:
         decode.main([*base, "--lm", str(tmp_path / "none.arpa")])
     assert exit_info.value.code == 2 and "--lm needs --lexicon" in capsys.readouterr().err
+
+
+def test_make_lm_bigram_sums_to_one_in_every_context_as_kenlm_reads_it(tmp_path):
+    import importlib.util
+    import pathlib
+
+    from flashlight.lib.text.decoder.kenlm import KenLM
+    from flashlight.lib.text.dictionary import Dictionary
+
+    script = pathlib.Path(__file__).parents[1] / "examples" / "lm" / "make_lm.py"
+    spec = importlib.util.spec_from_file_location("make_lm", script)
+    make_lm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_lm)
+    sentences = [["A", "B"], ["A", "C", "A"], ["B"], ["A", "B"]]
+    (tmp_path / "lm.arpa").write_text(make_lm.bigram_arpa(sentences, ["A", "B", "C", "D"]))
+    words = ["A", "B", "C", "D", "</s>", "<unk>"]
+    lm = KenLM(str(tmp_path / "lm.arpa"), Dictionary(words))
+    start = lm.start(False)
+    for context in ("<s>", "A", "B", "C", "D"):
+        state = start if context == "<s>" else lm.score(start, words.index(context))[0]
+        log10 = [lm.score(state, i)[1] for i in range(len(words) - 2)]
+        log10 += [lm.finish(state)[1], lm.score(state, words.index("<unk>"))[1]]
+        assert sum(10 ** x for x in log10) == pytest.approx(1.0, abs=1e-5), context
+    # a seen bigram: (c(A, B) - 0.5) / c(A) = (2 - 0.5) / 4; an unseen word has the add-one unigram's share
+    state = lm.score(start, 0)[0]
+    assert 10 ** lm.score(state, 1)[1] == pytest.approx(1.5 / 4, abs=1e-5)
+    assert 10 ** lm.score(state, 2)[1] == pytest.approx(0.5 / 4, abs=1e-5)  # C after A: once
+    assert lm.score(state, 3)[1] < lm.score(state, 2)[1]  # D never seen: backed off
