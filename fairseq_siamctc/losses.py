@@ -41,37 +41,42 @@ def _check_similarity(similarity: str, temperature: float) -> None:
         raise ValueError(f"temperature must be positive, got {temperature}")
 
 
-def similarity_matrix(query: Tensor, keys: Tensor, similarity: str = "cosine") -> Tensor:
-    """(B, Tq, D), (B, Tk, D) -> (B, Tq, Tk) cosine similarities or dot products."""
+def similarity_matrix(query: Tensor, keys: Tensor, similarity: str = "cosine", scale: float = 1.0) -> Tensor:
+    """(B, Tq, D), (B, Tk, D) -> (B, Tq, Tk) cosine similarities or dot products, times ``scale``.
+
+    The scale is applied to the query, a (B, Tq, D) pass rather than one over (B, Tq, Tk).
+    """
     if query.dim() != 3 or keys.dim() != 3 or query.shape[0] != keys.shape[0] or query.shape[2] != keys.shape[2]:
         raise ValueError(f"query {tuple(query.shape)} and keys {tuple(keys.shape)} must be (B, Tq, D) and (B, Tk, D)")
     if similarity == "cosine":
         query = F.normalize(query, dim=-1, eps=1e-8)
         keys = F.normalize(keys, dim=-1, eps=1e-8)
+    if scale != 1.0:
+        query = query * scale
     return torch.bmm(query, keys.transpose(1, 2))
 
 
 def scores_to_log_probs(
-    scores: Tensor,
+    logits: Tensor,
     query_padding_mask: Optional[Tensor],
     key_padding_mask: Optional[Tensor],
-    temperature: float,
     blank_logit: float,
 ) -> Tensor:
-    """(B, Tq, Tk) similarities -> (B, Tq, 1 + Tk) log-probabilities, class 0 the fixed blank.
+    """(B, Tq, Tk) logits (similarities / temperature) -> (B, Tq, 1 + Tk) log-probabilities, class 0
+    the fixed blank.
 
     Padded keys get logit -inf. Padded query frames become all-blank rows (log-probability 0 on
     the blank), so that the tensor is well defined everywhere and carries no gradient there.
     Computed in at least float32: half-precision log-softmax over ~750 classes loses the CTC tails.
+    Each step is one pass over the (B, Tq, Tk) tensor: both masks in one fill, the blank by padding.
     """
-    dtype = torch.promote_types(scores.dtype, torch.float32)
-    logits = scores.to(dtype) / temperature
-    if key_padding_mask is not None:
-        logits = logits.masked_fill(key_padding_mask[:, None, :], float("-inf"))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, :]
     if query_padding_mask is not None:
-        logits = logits.masked_fill(query_padding_mask[:, :, None], float("-inf"))
-    blank = logits.new_full(logits.shape[:2] + (1,), blank_logit)
-    return torch.cat([blank, logits], dim=-1).log_softmax(-1)
+        mask = query_padding_mask[:, :, None] if mask is None else mask | query_padding_mask[:, :, None]
+    if mask is not None:
+        logits = logits.masked_fill(mask, float("-inf"))
+    return F.pad(logits, (1, 0), value=blank_logit).log_softmax(-1)
 
 
 def alignment_log_probs(
@@ -91,8 +96,8 @@ def alignment_log_probs(
     class j the key frame j - 1 with logit sim(query_i, key_{j-1}) / temperature; padded keys -inf.
     """
     _check_similarity(similarity, temperature)
-    scores = similarity_matrix(query, keys, similarity)
-    return scores_to_log_probs(scores, query_padding_mask, key_padding_mask, temperature, blank_logit)
+    logits = similarity_matrix(query, keys, similarity, scale=1.0 / temperature)
+    return scores_to_log_probs(logits, query_padding_mask, key_padding_mask, blank_logit)
 
 
 def frame_ctc_loss(log_probs: Tensor, input_lengths: Tensor, target_lengths: Tensor) -> Tensor:
@@ -150,7 +155,7 @@ def viterbi_alignment(log_probs: Tensor, input_lengths: Tensor, target_lengths: 
         aligned, _ = torch.ops.torchaudio.forced_align(
             emissions, targets[:, :target_len], input_lengths[b : b + 1], target_lengths[b : b + 1], 0
         )
-        path[b, :in_len] = aligned[0]
+        path[b, :in_len] = aligned[0].clamp(0, target_len)  # on NaN scores its classes can be out of range
     # the aligner returns some path even when every path has log-probability -inf or NaN
     score = log_probs.gather(2, path.clamp(min=0)[..., None]).squeeze(-1).masked_fill(path < 0, 0.0).sum(1)
     return path.masked_fill(~torch.isfinite(score)[:, None], -1)
@@ -346,12 +351,14 @@ def siamctc_loss(
     grad = torch.is_grad_enabled()
 
     with torch.set_grad_enabled(grad and (ctc_weight != 0 or alpha != 0)):
-        scores = similarity_matrix(phi(z_pert), z, similarity)  # (B, T~, T)
-        # one square layout holds both directions, so swapping needs no host sync
+        # one square layout holds both directions, so swapping needs no host sync; the views are
+        # padded to it before the product (a (B, T, D) pass, not one over the (B, T~, T) scores)
         size = max(len_orig, len_pert)
-        scores = F.pad(scores, (0, size - len_orig, 0, size - len_pert))
+        query = F.pad(phi(z_pert), (0, 0, 0, size - len_pert))
+        keys = F.pad(z, (0, 0, 0, size - len_orig))
+        logits = similarity_matrix(query, keys, similarity, scale=1.0 / temperature)  # (B, S, S)
         swapped = pert_lengths < orig_lengths
-        scores = torch.where(swapped[:, None, None], scores.transpose(1, 2), scores)
+        logits = torch.where(swapped[:, None, None], logits.transpose(1, 2), logits)
         input_lengths = torch.where(swapped, orig_lengths, pert_lengths)
         target_lengths = torch.where(swapped, pert_lengths, orig_lengths)
         aligned = target_lengths > 0
@@ -360,7 +367,7 @@ def siamctc_loss(
         input_lengths = torch.maximum(input_lengths, target_lengths)
         frame = torch.arange(size, device=z.device)[None, :]
         log_probs = scores_to_log_probs(
-            scores, frame >= input_lengths[:, None], frame >= target_lengths[:, None], temperature, blank_logit
+            logits, frame >= input_lengths[:, None], frame >= target_lengths[:, None], blank_logit
         )
 
     with torch.set_grad_enabled(grad and ctc_weight != 0):
