@@ -165,10 +165,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="results/bound_simulation", help="where the tables and the plot go")
     parser.add_argument("--draws", type=int, default=1000, help="number of random (pr, q) pairs")
-    parser.add_argument("--labels", type=int, default=3, help="|C|")
-    parser.add_argument("--observations", type=int, default=4, help="|X|")
-    parser.add_argument("--length", type=int, default=3, help="N")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--labels", type=int, default=3, help="|C|, the number of labels (default 3)")
+    parser.add_argument("--observations", type=int, default=4, help="|X|, the number of observation units (default 4)")
+    parser.add_argument("--length", type=int, default=3, help="N, the sequence length (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random draws (default 0)")
     parser.add_argument("--toy-steps", type=int, default=300, help="updates of the toy training; 0 skips it")
     parser.add_argument("--toy-seeds", type=int, default=5, help="seeds of the toy training's final-state table")
     parser.add_argument("--label-text", help="label file (e.g. train.phn): also check condition 2 for its n-gram LM")
@@ -179,13 +179,17 @@ def main(argv=None) -> None:
         parser.error("--draws, --labels, --observations and --length must be positive")
     if args.labels**args.length * args.observations**args.length > 10**7:
         parser.error("|C|^N * |X|^N above 1e7: the exact enumeration would not fit; use smaller sizes")
-    torch.set_num_threads(1)
+    if args.label_text and not Path(args.label_text).is_file():
+        parser.error(f"--label-text {args.label_text}: file not found")
     output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        parser.error(f"--output-dir {output_dir}: exists and is not a directory")
+    torch.set_num_threads(1)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     reports, skipped = simulate(args.draws, args.labels, args.observations, args.length, args.seed)
     if not reports:
-        raise SystemExit(f"all {args.draws} draws violated condition 2 (N={args.length} < |C|={args.labels}?)")
+        raise SystemExit(f"siamctc-bound-simulation: error: all {args.draws} draws violated condition 2 (N={args.length} < |C|={args.labels}?)")
     summary = summary_markdown(reports, skipped, args.labels, args.observations, args.length, args.seed)
     (output_dir / "bound_simulation.md").write_text(summary)
     if any(r.error_mismatch > 0 for r in reports):
@@ -201,7 +205,7 @@ def main(argv=None) -> None:
         print(condition2, end="")
     broken = count_broken(reports)
     if broken:
-        raise SystemExit(f"{broken} draws break the bound: a bug or a misreading of theorem 1")
+        raise SystemExit(f"siamctc-bound-simulation: error: {broken} draws break the bound: a bug or a misreading of theorem 1")
 
 
 if __name__ == "__main__":
