@@ -139,8 +139,12 @@ def test_reduce_metrics_averages_over_utterances():
 
 def test_non_finite_term_raises_naming_it():
     model, sample = StandInModel(scale=float("nan")), make_sample()
-    with pytest.raises(FloatingPointError, match="ctc.*kld.*tince"):
+    with pytest.raises(FloatingPointError, match="non-finite encoder output"):
         make_criterion()(model, sample)
+    model = StandInModel()
+    model.phi.weight.data.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match=r"non-finite ctc=nan, kld="):
+        make_criterion(beta=0.0)(model, sample)
     # a NaN only in a switched-off term does not stop training
     model = StandInModel()
     model.psi.weight.data.fill_(float("nan"))
@@ -175,3 +179,58 @@ def test_trains_the_real_model_end_to_end(tmp_path):
     for name in ("phi.weight", "psi.weight"):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.startswith("encoder."))
+
+
+@pytest.mark.parametrize("setting", ["fp16", "amp"])
+@pytest.mark.parametrize("where", ["encoder output", "tince"])
+def test_under_loss_scaling_a_non_finite_batch_is_left_to_the_scaler(setting, where, caplog):
+    """fp16/AMP: no error; a NaN loss whose gradient is NaN in every trained parameter, which is what
+    fairseq's loss scaler needs to see to skip the step and lower the scale (on every rank)."""
+    model, sample = StandInModel(scale=float("inf") if where == "encoder output" else 1.0), make_sample()
+    if where == "tince":
+        model.psi.weight.data.fill_(float("nan"))
+    criterion = make_criterion(**{setting: True})
+    criterion.train()
+    with caplog.at_level("WARNING"):
+        loss, sample_size, log = criterion(model, sample)
+    assert torch.isnan(loss) and sample_size == 3 and torch.isnan(log["loss"])
+    assert f"non-finite {where}" in caplog.text and "1 such batches" in caplog.text
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isnan(p.grad).all(), name
+    # validation has no loss scaler: there it still stops
+    criterion.eval()
+    with pytest.raises(FloatingPointError, match=f"non-finite {where}"):
+        criterion(model, sample)
+
+
+def test_fairseq_fp16_optimizer_skips_the_step_and_lowers_the_scale():
+    """The NaN step through fairseq's own memory-efficient fp16 optimizer: OverflowError from its loss
+    scaler (what fairseq's trainer catches), scale halved, no weight changed."""
+    from omegaconf import OmegaConf
+    from fairseq.optim.adam import FairseqAdam
+    from fairseq.optim.fp16_optimizer import MemoryEfficientFP16Optimizer
+
+    model, sample = StandInModel(scale=float("inf")), make_sample()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = OmegaConf.create({
+        "optimizer": {"_name": "adam", "lr": [1e-3], "adam_betas": "(0.9, 0.999)", "adam_eps": 1e-8,
+                      "weight_decay": 0.0, "use_old_adam": False, "fp16_adam_stats": False, "tpu": False},
+        "common": {"fp16_init_scale": 128, "fp16_scale_window": None, "fp16_scale_tolerance": 0.0,
+                   "threshold_loss_scale": None, "min_loss_scale": 1e-4, "memory_efficient_bf16": False,
+                   "bf16": False, "model_parallel_size": 1},
+        "distributed_training": {"distributed_world_size": 1},
+        "optimization": {"update_freq": [1]},
+    })
+    params = list(model.parameters())
+    optimizer = MemoryEfficientFP16Optimizer(cfg, params, FairseqAdam(cfg.optimizer, params), allow_unsupported=True)
+    criterion = make_criterion(fp16=True)
+    criterion.train()
+    loss, sample_size, _ = criterion(model, sample)
+    optimizer.backward(loss)
+    optimizer.multiply_grads(1.0 / sample_size)
+    with pytest.raises(OverflowError, match="setting loss scale to: 64"):
+        optimizer.clip_grad_norm(1.0)
+    assert optimizer.scaler.loss_scale == 64.0
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name

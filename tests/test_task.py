@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 import fairseq_siamctc  # noqa: F401  (registers the task)
 from fairseq_siamctc.data.paired_audio_dataset import BadAudioError
+from fairseq_siamctc.errors import DataError, SetupError
 from fairseq_siamctc.data.perturb import perturb
 from fairseq_siamctc.tasks.siamctc import SiamCTCConfig
 
@@ -178,9 +179,9 @@ def test_view_probabilities_and_tempo_mode(tmp_path):
 
 def test_bad_view_settings_are_errors(tmp_path):
     write_corpus(tmp_path, [12000])
-    with pytest.raises(ValueError, match="speeds probabilities"):
+    with pytest.raises(SetupError, match="speeds probabilities"):
         load(make_task(tmp_path, speed_probs=[0.5, 0.5]), "train")
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(SetupError, match="positive"):
         load(make_task(tmp_path, speeds=[1.0, -1.0]), "train")
 
 
@@ -235,24 +236,24 @@ def test_other_sample_rate_is_an_error_unless_resample(tmp_path):
 
 
 def test_missing_or_malformed_manifest_is_an_error_naming_the_line(tmp_path):
-    with pytest.raises(FileNotFoundError, match="train.tsv"):
+    with pytest.raises(SetupError, match="train.tsv"):
         load(make_task(tmp_path), "train")
     write_corpus(tmp_path, [12000, 12000])
     (tmp_path / "train.tsv").write_text(f"{tmp_path}\nu0.wav\t12000\nu1.wav 12000\n")
-    with pytest.raises(ValueError, match=r"train\.tsv:3.*u1\.wav 12000"):
+    with pytest.raises(SetupError, match=r"train\.tsv:3.*u1\.wav 12000"):
         load(make_task(tmp_path), "train")
     (tmp_path / "train.tsv").write_text(f"{tmp_path}\nu0.wav\ttwelve\n")
-    with pytest.raises(ValueError, match=r"train\.tsv:2"):
+    with pytest.raises(SetupError, match=r"train\.tsv:2"):
         load(make_task(tmp_path), "train")
     (tmp_path / "train.tsv").write_text("")
-    with pytest.raises(ValueError, match=r"train\.tsv:1.*root"):
+    with pytest.raises(SetupError, match=r"train\.tsv:1.*root"):
         load(make_task(tmp_path), "train")
 
 
 def test_missing_audio_file_is_an_error_naming_file_and_line(tmp_path):
     write_corpus(tmp_path, [12000, 12000])
     (tmp_path / "u1.wav").unlink()
-    with pytest.raises(FileNotFoundError, match=r"1 audio file.*u1\.wav \(.*train\.tsv:3\)"):
+    with pytest.raises(SetupError, match=r"1 audio file.*u1\.wav \(.*train\.tsv:3\)"):
         load(make_task(tmp_path), "train")
 
 
@@ -273,13 +274,39 @@ def test_damaged_file_is_skipped_with_a_count(tmp_path, caplog, damage):
         sf.write(tmp_path / "u1.wav", np.zeros(0, dtype=np.float32), SR)
     else:
         (tmp_path / "u1.wav").write_bytes(b"not audio at all" * 100)
-    dataset = load(make_task(tmp_path), "train")
+    dataset = load(make_task(tmp_path, max_unreadable_share=0.5), "train")
     with caplog.at_level(logging.WARNING):
         batch = dataset.collater([dataset[i] for i in range(3)])
     assert batch["id"].tolist() == [0, 2] and batch["net_input"]["source"].shape == (2, 12000)
     assert "skipping" in caplog.text and "u1.wav" in caplog.text and "train.tsv:3" in caplog.text
     assert "1 skipped so far" in caplog.text
-    assert dataset.collater([dataset[1]]) == {}
+    # a batch with nothing readable is an error, never fairseq's zero-loss placeholder batch
+    with pytest.raises(DataError, match=r"every file of a batch.*u1\.wav \(.*train\.tsv:3\)"):
+        dataset.collater([dataset[1]])
+
+
+def test_unreadable_files_above_the_limit_stop_with_their_names(tmp_path):
+    write_corpus(tmp_path, [12000] * 10)
+    for i in (3, 6):  # what a clone without git-lfs holds: pointer text files
+        (tmp_path / f"u{i}.wav").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    dataset = load(make_task(tmp_path, max_unreadable_share=0.1), "train")  # 1 of 10 may be skipped
+    assert dataset[3]["source"] is None
+    with pytest.raises(DataError, match=r"2 of the 10 files.*max_unreadable_share=0\.1.*u6\.wav.*also .*u3\.wav"):
+        dataset[6]
+    # the default limit is 1 %: the first unreadable file of these 10 stops
+    with pytest.raises(DataError, match=r"1 of the 10 files.*u3\.wav \(.*train\.tsv:5\)"):
+        load(make_task(tmp_path), "train")[3]
+
+
+def test_the_unreadable_count_is_shared_by_loader_workers(tmp_path):
+    write_corpus(tmp_path, [12000] * 8)
+    task = make_task(tmp_path, max_unreadable_share=0.2)  # 1 of 8 may be skipped, 2 may not
+    dataset = load(task, "train")
+    order = dataset.ordered_indices()
+    for i in (order[0], order[4]):  # one in each batch of 4, so one in each worker's batch
+        (tmp_path / dataset.files[i]).write_bytes(b"not audio at all" * 100)
+    with pytest.raises(DataError, match="2 of the 8 files"):
+        batches(task, "train", num_workers=2, batch_size=4)
 
 
 class StridedConvEncoder(torch.nn.Module):

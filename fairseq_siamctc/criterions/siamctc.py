@@ -3,8 +3,16 @@
 The model returns the two views' encoder outputs (``z``, ``z_pert`` and their padding masks) and
 owns the heads ``phi`` (attention) and ``psi`` (TINCE); the math lives in
 :func:`fairseq_siamctc.losses.siamctc_loss`.
+
+Non-finite values. In fp32 (and bf16, which fairseq does not loss-scale) a non-finite encoder output
+or loss term stops training with an error naming it. Under fp16 or AMP an overflow is expected now
+and then and is fairseq's to handle: the step returns a NaN loss whose gradient is NaN in every
+trained parameter, so fairseq's loss scaler skips the update and lowers the scale ("gradient
+overflow detected" in the log), on every rank alike (raising here would stop one rank and leave the
+others waiting in the all-reduce). Each such batch is logged with a count.
 """
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +23,8 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
 from ..losses import SIMILARITIES, siamctc_loss
+
+logger = logging.getLogger(__name__)
 
 TERMS = ("ctc", "kld", "tince")
 STATISTICS = ("blank_share", "slope_error", "path_offset", "swapped_share")
@@ -55,6 +65,14 @@ class SiamCTCCriterionConfig(FairseqDataclass):
         default=II("common.seed"),
         metadata={"help": "seed of the TINCE negatives in validation (training draws from fairseq's per-update seed)"},
     )
+    fp16: bool = field(
+        default=II("common.fp16"),
+        metadata={"help": "fp16 training: a non-finite batch is left to fairseq's loss scaler instead of stopping"},
+    )
+    amp: bool = field(
+        default=II("common.amp"),
+        metadata={"help": "AMP training: a non-finite batch is left to fairseq's loss scaler instead of stopping"},
+    )
 
 
 @register_criterion("siamctc", dataclass=SiamCTCCriterionConfig)
@@ -64,6 +82,12 @@ class SiamCTCCriterion(FairseqCriterion):
         if cfg.ctc_weight == 0 and cfg.alpha == 0 and cfg.beta == 0:
             raise ValueError("criterion siamctc: ctc_weight, alpha and beta are all 0, nothing to train")
         self.cfg = cfg
+        self.non_finite_batches = 0
+
+    @property
+    def loss_scaled(self) -> bool:
+        """Whether fairseq scales the loss (fp16, AMP) and so skips the steps whose gradients overflow."""
+        return self.cfg.fp16 is True or self.cfg.amp is True  # not an unresolved interpolation
 
     def negatives_generator(self, device) -> torch.Generator:
         """Generator of the TINCE negatives.
@@ -79,6 +103,9 @@ class SiamCTCCriterion(FairseqCriterion):
     def forward(self, model, sample, reduce=True):
         net_output = model(**sample["net_input"])
         z, z_pert = net_output["z"], net_output["z_pert"]
+        # before the loss: the Viterbi alignment needs finite scores (one host sync per step)
+        if not bool(torch.isfinite(z).all() & torch.isfinite(z_pert).all()):
+            return self.non_finite_step(model, z, z_pert, {"encoder output": None})
         cfg = self.cfg
         terms = siamctc_loss(
             z,
@@ -98,7 +125,9 @@ class SiamCTCCriterion(FairseqCriterion):
             ctc_weight=cfg.ctc_weight,
             generator=self.negatives_generator(z.device),
         )
-        self.check_finite(terms)
+        bad = self.non_finite_terms(terms)
+        if bad:
+            return self.non_finite_step(model, z, z_pert, bad)
         batch_size = z.shape[0]
         loss = terms["loss"] * batch_size
         logging_output = {
@@ -113,18 +142,39 @@ class SiamCTCCriterion(FairseqCriterion):
             logging_output[name] = terms[name].detach() * batch_size
         return loss, batch_size, logging_output
 
-    def check_finite(self, terms) -> None:
-        """Raise on a non-finite enabled term, naming it (one host sync per step)."""
+    def non_finite_terms(self, terms) -> dict:
+        """The enabled terms that are not finite, by name (one host sync per step)."""
         weights = {"ctc": self.cfg.ctc_weight, "kld": self.cfg.alpha, "tince": self.cfg.beta}
         enabled = [name for name in TERMS if weights[name] != 0]
         values = torch.stack([terms[name].detach().float() for name in enabled])
         if bool(torch.isfinite(values).all()):
-            return
-        bad = {name: float(value) for name, value in zip(enabled, values) if not torch.isfinite(value)}
-        raise FloatingPointError(
-            f"criterion siamctc: non-finite loss term(s) {bad}; check the encoder outputs for NaN/inf "
-            "(e.g. fp16 overflow) or lower the learning rate"
+            return {}
+        return {name: float(value) for name, value in zip(enabled, values) if not torch.isfinite(value)}
+
+    def non_finite_step(self, model, z, z_pert, bad: dict):
+        """fp32: raises FloatingPointError naming what is not finite. fp16/AMP: a NaN loss for fairseq's
+        loss scaler, reaching every trained parameter so that every gradient is NaN and the step is skipped."""
+        what = ", ".join(name if value is None else f"{name}={value}" for name, value in bad.items())
+        if not self.loss_scaled or not self.training:
+            raise FloatingPointError(
+                f"criterion siamctc: non-finite {what}; check the encoder outputs for NaN/inf "
+                "(e.g. fp16 overflow) or lower the learning rate"
+            )
+        self.non_finite_batches += 1
+        logger.warning(
+            f"criterion siamctc: non-finite {what} in this batch (fp16/AMP): left to fairseq's loss scaler, "
+            f"which skips the step ({self.non_finite_batches} such batches so far in this process)"
         )
+        batch_size = z.shape[0]
+        touch = z.float().sum() + z_pert.float().sum()
+        touch = touch + sum(p.float().sum() for p in model.parameters() if p.requires_grad)
+        loss = touch * float("nan")
+        nan = loss.detach()
+        logging_output = {"loss": nan, "ntokens": 0, "nsentences": batch_size, "sample_size": batch_size,
+                          "aligned": 0}
+        for name in TERMS + STATISTICS:
+            logging_output[name] = nan
+        return loss, batch_size, logging_output
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

@@ -14,8 +14,8 @@ workers follow ``set_epoch``. Batching by ``max_tokens`` counts the samples of t
 the perturbed views add up to ``1 / min(speeds)`` times as many.
 
 Bad input. What can be checked from the manifest fails before training starts; what shows only when
-a file is read mid-run is skipped (and logged with a count) when it concerns one damaged file, and
-fails when it means the corpus is in the wrong format:
+a file is read mid-run is skipped (and logged with a count) when it concerns a few damaged files, and
+fails when it means the corpus is in the wrong format or too much of it is unreadable:
 
 =====================================================  ==========================================
 manifest missing, empty, or a line that does not parse  error naming the manifest and line number
@@ -23,13 +23,17 @@ audio file missing                                      error at loading, naming
 ``num_samples`` below ``min_sample_size`` (also 0)      skipped at loading, the count logged
 file unreadable (corrupt, not audio)                    skipped on reading, logged with a count
 file length disagrees with ``num_samples``              skipped on reading, logged with a count
+more than ``max_unreadable_share`` of the files skipped  error naming the skipped files
+a batch in which every file was skipped                 error naming its files
 sample rate other than 16 kHz (without ``resample``)    error naming file and line
 more than one channel                                   error naming file and line
 =====================================================  ==========================================
 
 With ``resample`` the headers are read at loading, and a file whose header cannot be read is an
-error there. A skipped item leaves its batch one utterance short (an all-skipped batch is empty, which fairseq
-treats as a dummy batch).
+error there. A skipped item leaves its batch one utterance short. A batch with nothing left is an
+error, not an empty batch: fairseq would run a placeholder batch with its loss multiplied by 0, so a
+corpus of unreadable files (git-lfs pointers, a stale mount) would "train" without changing a weight.
+The skipped files are counted in shared memory, so the limit holds for all loader workers together.
 """
 
 import logging
@@ -44,13 +48,14 @@ import soxr
 import torch
 from fairseq.data import FairseqDataset
 
+from ..errors import DataError
 from .audio import SAMPLE_RATE
 from .perturb import MODES, perturb
 
 logger = logging.getLogger(__name__)
 
 
-class BadAudioError(ValueError):
+class BadAudioError(DataError):
     """Audio that the whole corpus probably shares (wrong rate, channels): training cannot go on."""
 
 
@@ -153,12 +158,16 @@ class PairedAudioDataset(FairseqDataset):
         resample: bool = False,
         seed: int = 1,
         train: bool = True,
+        max_unreadable_share: float = 0.01,
     ):
         super().__init__()
         if max_sample_size < 1 or min_sample_size < 0:
             raise ValueError(
                 f"need max_sample_size >= 1 and min_sample_size >= 0, got {max_sample_size}, {min_sample_size}"
             )
+        if not 0 <= max_unreadable_share <= 1:
+            raise ValueError(f"max_unreadable_share must be between 0 and 1, got {max_unreadable_share}")
+        self.max_unreadable_share = max_unreadable_share
         self.views = views
         self.max_sample_size = max_sample_size
         self.normalize = normalize
@@ -190,6 +199,8 @@ class PairedAudioDataset(FairseqDataset):
         self.rates = self.rates[keep]
         self.full_sizes = lengths_16k[keep]
         self.sizes = np.minimum(self.full_sizes, max_sample_size)
+        # Which files were skipped, shared like the epoch so that the limit counts every worker's skips.
+        self._unreadable = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()
         logger.info(f"{manifest_path}: {len(self.files)} utterances, views {views}")
 
     def _path(self, index: int) -> str:
@@ -260,6 +271,16 @@ class PairedAudioDataset(FairseqDataset):
 
     def _skip(self, index: int, reason: str) -> dict:
         self._skipped += 1
+        self._unreadable[index] = True
+        unreadable = torch.nonzero(self._unreadable).flatten().tolist()
+        if len(unreadable) > self.max_unreadable_share * len(self):
+            others = [self._where(i) for i in unreadable if i != index][:4]
+            raise DataError(
+                f"{len(unreadable)} of the {len(self)} files of {self.manifest_path} cannot be used, more than "
+                f"max_unreadable_share={self.max_unreadable_share}: {self._where(index)}: {reason}"
+                + (f"; also {', '.join(others)}" if others else "")
+                + " (fix or remove them from the manifest, or raise task.max_unreadable_share)"
+            )
         logger.warning(f"skipping {self._where(index)}: {reason} ({self._skipped} skipped so far in this process)")
         return {"id": index, "source": None}
 
@@ -311,7 +332,14 @@ class PairedAudioDataset(FairseqDataset):
         }
 
     def collater(self, samples: List[dict]) -> dict:
-        samples = [s for s in samples if s["source"] is not None]
+        kept = [s for s in samples if s["source"] is not None]
+        if samples and not kept:
+            files = ", ".join(self._where(s["id"]) for s in samples[:5])
+            raise DataError(
+                f"every file of a batch was skipped as unreadable ({len(samples)}: {files}); "
+                "fix or remove them from the manifest"
+            )
+        samples = kept
         if not samples:
             return {}
         source, padding_mask = pad_waveforms([s["source"] for s in samples])
