@@ -70,7 +70,9 @@ def test_label_file_that_does_not_match_the_manifest_is_an_error(stock_hubert_ru
         decode_split(recognizer, str(data), "valid", "ltr", str(tmp_path / "out"))
 
 
-def test_robustness_table_json_and_plot(stock_hubert_runs, audio_corpus, tmp_path):
+def test_robustness_table_json_and_plot(stock_hubert_runs, audio_corpus, tmp_path, monkeypatch):
+    loads, load = [], CtcRecognizer.load.__func__
+    monkeypatch.setattr(CtcRecognizer, "load", classmethod(lambda cls, *args: loads.append(args) or load(cls, *args)))
     data = tmp_path / "data"
     shutil.copytree(audio_corpus, data)
     for factor in (0.8, 1.2):  # stand-ins for the speed copies: the same files under other names
@@ -80,6 +82,7 @@ def test_robustness_table_json_and_plot(stock_hubert_runs, audio_corpus, tmp_pat
     robustness.main(["--model", f"a={stock_hubert_runs[1]}", "--model", f"b={stock_hubert_runs[1]}",
                      "--data", str(data), "--test-set", "valid", "--labels", "ltr",
                      "--factors", "0.8", "1.0", "1.2", "--out", str(out)])
+    assert len(loads) == 2  # each model loaded once for its three speed copies
     result = json.loads((out / "robustness.json").read_text())
     rates = result["error_rates"]
     assert result["metric"] == "WER" and set(rates) == {"a", "b"}
