@@ -234,10 +234,17 @@ def test_siamctc_run_from_a_hugging_face_directory(corpus, tmp_path):
     finetune_ctc(corpus, {"_name": "hubert_ctc", "w2v_path": str(tmp_path / "fairseq.pt")}, tmp_path / "ctc")
 
 
-def test_export_refuses_other_checkpoints(hubert_run, tmp_path, capsys):
+def test_export_converts_base_checkpoints_and_refuses_others(hubert_run, tmp_path, capsys):
     base, _ = hubert_run
-    assert export.main([str(base), str(tmp_path / "out.pt")]) == 1
-    assert "expected a SiamCTC training checkpoint, found a HuBERT checkpoint" in capsys.readouterr().err
+    # a base checkpoint is converted as it is: fairseq -> hf -> fairseq gives its weights back
+    assert export.main([str(base), str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert export.main([str(tmp_path / "hf"), str(tmp_path / "back.pt")]) == 0
+    original, back = torch.load(base)["model"], read_checkpoint(tmp_path / "back.pt").model
+    assert back.keys() == original.keys() and all(torch.equal(back[k], v) for k, v in original.items())
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(tmp_path / "back.pt")])  # fairseq's strict loader
+    (tmp_path / "config.yaml").write_text("model: {}\n")
+    assert export.main([str(tmp_path / "config.yaml"), str(tmp_path / "out.pt")]) == 1
+    assert "not a checkpoint" in capsys.readouterr().err
     assert export.main([str(tmp_path / "missing.pt"), str(tmp_path / "out.pt")]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
     assert not (tmp_path / "out.pt").exists()

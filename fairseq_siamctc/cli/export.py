@@ -1,5 +1,8 @@
 """siamctc-export: a SiamCTC training checkpoint in, its trained encoder out, in one of three formats.
 
+A base checkpoint (HuBERT or WavLM in any format the plugin reads) is converted the same way, e.g.
+``hubert_base_ls960.pt`` to a Hugging Face directory or a Hugging Face directory to a fairseq file.
+
 ``--format fairseq`` (default): the base model's own format. HuBERT: a fairseq checkpoint laid out
 like ``hubert_base_ls960.pt`` (the base checkpoint's whole config, the trained encoder weights under
 ``model``, the pre-training label dictionaries under ``task_state``), which fairseq's ``HubertModel``
@@ -44,7 +47,7 @@ from fairseq_siamctc.models.checkpoints import (
     write_s3prl_checkpoint,
     write_wavlm_checkpoint,
 )
-from fairseq_siamctc.models.encoders import build_encoder
+from fairseq_siamctc.models.encoders import build_encoder, load_encoder
 from fairseq_siamctc.models.formats import FormatError, hf_directory_files, write_directory_atomically
 
 ENCODER_PREFIX = "encoder."
@@ -94,19 +97,21 @@ def export(checkpoint_path, out_path, fmt: str = FAIRSEQ, force: bool = False) -
     if Path(out_path).resolve() == Path(checkpoint_path).resolve():
         raise ValueError(f"refusing to overwrite the input checkpoint {checkpoint_path}")
     check_output(out_path, fmt, force)
-    checkpoint = read_checkpoint(checkpoint_path, allowed=(SIAMCTC,))
-    state = encoder_state(checkpoint)
-    record = checkpoint.model[ENCODER_RECORD_KEY]
-    if fmt == HF:
+    checkpoint = read_checkpoint(checkpoint_path)
+    if checkpoint.kind == SIAMCTC:
+        state = encoder_state(checkpoint)
+        record = checkpoint.model[ENCODER_RECORD_KEY]
+        heads = siamctc_heads(checkpoint)
         model_cfg = checkpoint.cfg.model
-        metadata = {
-            "kind": record["kind"],
-            "label_set_sizes": record["label_set_sizes"],
-            "feature_layer": model_cfg.get("feature_layer"),
-            "projection_dim": model_cfg.get("projection_dim", 256),
-        }
+        metadata = {"feature_layer": model_cfg.get("feature_layer"), "projection_dim": model_cfg.get("projection_dim", 256)}
+    else:  # a base checkpoint: converted as it is, checked by loading it
+        record, encoder = load_encoder(checkpoint)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in encoder.state_dict().items()}
+        heads, metadata = {}, {}
+    if fmt == HF:
+        metadata = {**metadata, "kind": record["kind"], "label_set_sizes": record["label_set_sizes"]}
         try:
-            files = hf_directory_files(record["kind"], record["cfg"], state, siamctc_heads(checkpoint), metadata)
+            files = hf_directory_files(record["kind"], record["cfg"], state, heads, metadata)
         except FormatError as err:
             raise CheckpointError(f"{checkpoint_path}: cannot be written as a Hugging Face model: {err}") from err
         write_directory_atomically(out_path, files, force=force)
@@ -126,10 +131,12 @@ def export(checkpoint_path, out_path, fmt: str = FAIRSEQ, force: bool = False) -
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="siamctc-export",
-        description="Export the trained encoder of a SiamCTC training checkpoint as a fairseq HuBERT / WavLM "
-                    "checkpoint, an s3prl converted checkpoint, or a Hugging Face transformers directory.",
+        description="Export the trained encoder of a SiamCTC training checkpoint (or convert a base checkpoint) "
+                    "as a fairseq HuBERT / WavLM checkpoint, an s3prl converted checkpoint, or a Hugging Face "
+                    "transformers directory.",
     )
-    parser.add_argument("checkpoint", help="SiamCTC training checkpoint (e.g. checkpoints/checkpoint_last.pt)")
+    parser.add_argument("checkpoint", help="SiamCTC training checkpoint (e.g. checkpoints/checkpoint_last.pt), "
+                                           "or a base HuBERT/WavLM checkpoint to convert")
     parser.add_argument("out", help="output checkpoint file (fairseq, s3prl) or directory (hf)")
     parser.add_argument("--format", choices=FORMATS, default=FAIRSEQ,
                         help="fairseq: the base model's own format (fairseq fine-tuning); s3prl: s3prl's converted "
@@ -141,7 +148,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, FileExistsError, CheckpointError, ValueError, OSError) as err:
         print(f"siamctc-export: error: {err}", file=sys.stderr)
         return 1
-    print(f"siamctc-export: wrote the trained {kind} encoder of {args.checkpoint} to {args.out} ({args.format})")
+    print(f"siamctc-export: wrote the {kind} encoder of {args.checkpoint} to {args.out} ({args.format})")
     return 0
 
 

@@ -239,7 +239,10 @@ def write_hubert_checkpoint(path, cfg: Dict[str, Any], model_state: Dict[str, to
         "cfg": cfg,
         "model": model_state,
         "criterion": None,
-        "optimizer_history": optimizer_history,
+        # fairseq's loader reads the last entry; a file converted from elsewhere gets an empty one
+        "optimizer_history": optimizer_history or [
+            {"criterion_name": "HubertCriterion", "optimizer_name": None, "lr_scheduler_state": {}, "num_updates": 0}
+        ],
         "task_state": {"dictionaries": dictionaries},
         "extra_state": {"metrics": {}, "previous_training_time": 0.0},
         "last_optimizer_state": None,
