@@ -108,6 +108,13 @@ def test_checkpoints_of_the_wrong_kind_are_clear_errors(stock_hubert_runs, audio
     assert decode.main(["--checkpoint", str(tmp_path / "missing.pt"), "--data", str(audio_corpus),
                         "--out", str(tmp_path)]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
+    assert decode.main(["--checkpoint", str(stock_hubert_runs[1]), "--data", str(audio_corpus), "--out",
+                        str(tmp_path), "--device", "nodevice"]) == 1
+    assert "not a torch device: 'nodevice'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert decode.main(["--checkpoint", str(stock_hubert_runs[1]), "--data", str(audio_corpus), "--out",
+                            str(tmp_path), "--device", "cuda"]) == 1
+        assert "CUDA is not available" in capsys.readouterr().err
     assert plot_alignment.main(["--checkpoint", pretrained, "--audio", "x.wav", "--out", "x.png"]) == 1
     assert "siamctc" in capsys.readouterr().err
 

@@ -69,6 +69,17 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str) -> torch.device:
+    """The torch device named by ``device``; one that this machine lacks is a ValueError saying so."""
+    try:
+        checked = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"not a torch device: {device!r}") from err
+    if checked.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: CUDA is not available on this machine (use --device cpu)")
+    return checked
+
+
 def default_post_process(labels: str) -> str:
     return DEFAULT_POST_PROCESS.get(labels, "none")
 
@@ -93,6 +104,7 @@ class CtcRecognizer:
     def load(cls, checkpoint: str, device: Optional[str] = None) -> "CtcRecognizer":
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+        device = check_device(device or default_device())
         models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint])
         try:
             dictionary = task.target_dictionary
@@ -102,7 +114,7 @@ class CtcRecognizer:
             raise ValueError(f"{checkpoint} is not a fine-tuned CTC checkpoint (its task has no target dictionary)")
         blank_symbol = getattr(task, "blank_symbol", None)
         blank_index = dictionary.index(blank_symbol) if blank_symbol else dictionary.bos()
-        model = models[0].to(device or default_device()).eval()
+        model = models[0].to(device).eval()
         return cls(model, dictionary, bool(cfg.task.get("normalize", False)), blank_index)
 
     @property
