@@ -18,7 +18,9 @@ Times are CPU seconds of the process (one thread), each small timing the minimum
 import argparse
 import logging
 import math
+import pathlib
 import statistics
+import sys
 import time
 
 import numba
@@ -108,6 +110,43 @@ def soft_dtw_step(z, z_pert, lengths, pert_lengths, gamma=0.1):
     return total / len(lengths)
 
 
+def count_operators(frame_counts, batch, dim, seed):
+    """Operator calls of one objective call (forward + backward), the proxy for GPU kernel launches,
+    at several T; and the same objective with the former per-frame Viterbi loop (the tests' reference)."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+    from test_losses_operators import loop_viterbi, operator_calls
+
+    import fairseq_siamctc.losses as losses
+
+    phi, psi = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
+    print(f"operator calls of one siamctc_loss call, forward + backward, B = {batch}, D = {dim}:")
+    print(f"{'T':>6s} {'compiled Viterbi':>17s} {'per-frame Viterbi loop':>23s}")
+    for frames in frame_counts:
+        gen = torch.Generator().manual_seed(seed)
+        lengths = frames - torch.randint(0, frames // 4, (batch,), generator=gen)
+        lengths[0] = frames
+        speeds = torch.tensor(SPEEDS)[torch.randint(len(SPEEDS), (batch,), generator=gen)]
+        pert_lengths = (lengths / speeds).round().long()
+        z = torch.randn(batch, frames, dim, generator=gen, requires_grad=True)
+        z_pert = torch.randn(batch, int(pert_lengths.max()), dim, generator=gen, requires_grad=True)
+        mask = torch.arange(z.shape[1])[None, :] >= lengths[:, None]
+        pert_mask = torch.arange(z_pert.shape[1])[None, :] >= pert_lengths[:, None]
+
+        def call():
+            out = losses.siamctc_loss(z, z_pert, mask, pert_mask, phi, psi, generator=torch.Generator().manual_seed(0))
+            out["loss"].backward()
+
+        counts = [operator_calls(call)]
+        compiled = losses.viterbi_alignment
+        losses.viterbi_alignment = loop_viterbi
+        try:
+            counts.append(operator_calls(call))
+        finally:
+            losses.viterbi_alignment = compiled
+        print(f"{frames:6d} {counts[0]:17d} {counts[1]:23d}")
+    print()
+
+
 def hubert_base():
     from fairseq.data import Dictionary
     from fairseq.models.hubert.hubert import HubertConfig, HubertModel
@@ -131,14 +170,17 @@ def encoder_step(model, seconds, utterances, seed):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8, help="utterances in the batch")
+    parser.add_argument("--dim", type=int, default=256, help="feature dimension (the projection's: 256)")
     parser.add_argument("--encoder-utterances", type=int, default=2, help="0 skips the encoder")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="timings are the minimum over this many runs")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batch")
+    parser.add_argument("--ops-frames", type=int, nargs="+", default=[250, 750],
+                        help="frame counts at which the operator calls of one objective call are counted")
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("numba").setLevel(logging.WARNING)  # fairseq's import leaves the root logger at DEBUG
+    count_operators(args.ops_frames, args.batch, args.dim, args.seed)
 
     z, z_pert, mask, pert_mask, lengths, pert_lengths = make_batch(args.batch, args.dim, args.seed)
     phi, psi = torch.nn.Linear(args.dim, args.dim), torch.nn.Linear(args.dim, args.dim)
