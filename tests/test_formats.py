@@ -92,6 +92,14 @@ def test_fairseq_to_hf_to_plugin_round_trip(base, tmp_path):
         assert (plugin_features(out, source, layer) - expected).abs().max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("make", [tiny_hubert_checkpoint, tiny_wavlm_checkpoint])
+def test_round_trip_without_masking_keeps_mask_emb(make, tmp_path):
+    make(tmp_path / "base.pt", mask_prob=0.0)
+    original = write_hf(tmp_path / "base.pt", tmp_path / "hf")
+    assert "masked_spec_embed" not in hf_model(tmp_path / "hf").state_dict()  # transformers has none without masking
+    assert torch.equal(read_checkpoint(tmp_path / "hf").model["mask_emb"], original.model["mask_emb"])
+
+
 def test_from_pretrained_gives_the_plugin_features(base, tmp_path):
     out = tmp_path / "hf"
     write_hf(base, out)

@@ -13,8 +13,9 @@ What does not map one to one:
   both are read, the new ones are written, and ``from_pretrained`` accepts either);
 - fairseq has no ``post_extract_proj`` when the CNN and the transformer have the same width, HF
   always has ``feature_projection.projection``: written as the identity, read back only if it is one;
-- ``masked_spec_embed`` exists in HF only when masking is configured: when absent, fairseq's
-  ``mask_emb`` gets fairseq's own initialisation (it is used only with ``model.apply_mask``);
+- ``masked_spec_embed`` exists in HF only when masking is configured: the plugin's exports then
+  keep ``mask_emb`` in the side file; a directory without either gets fairseq's own initialisation
+  (seeded; ``mask_emb`` is used only with ``model.apply_mask``);
 - HF has no ``final_proj`` and no label embeddings: an encoder read from HF has none (never an
   invented one), and the plugin's SiamCTC model then trains its own projection;
 - ``normalize`` lives in ``preprocessor_config.json`` as ``do_normalize``.
@@ -516,6 +517,8 @@ def hf_directory_files(kind: str, cfg: Dict[str, Any], state: Dict[str, torch.Te
         cfg_model = cfg
     hf_state = hf_state_from_encoder(kind, cfg_model, state, hf_config)
     _, pretraining = split_pretraining_heads(state)
+    if not hf_config["apply_spec_augment"] and "mask_emb" in state:
+        pretraining["mask_emb"] = state["mask_emb"]  # no place in HF without masking: kept beside it
     side = {**{f"encoder.{k}": v for k, v in pretraining.items()}, **(heads or {})}
     side_metadata = dict(metadata or {})
     if kind == "hubert" and pretraining:
