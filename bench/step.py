@@ -167,7 +167,7 @@ def main():
     for config in args.configs:
         started = time.time()
         results.append(run_config(config, args))
-        print(f"  {config}: {time.time() - started:.0f} s wall", file=sys.stderr, flush=True)
+        print(f"  {config}: {time.time() - started:.0f} s wall: {json.dumps(results[-1])}", file=sys.stderr, flush=True)
 
     reference = None
     header = (f"{'config':10s} {'model GB':>8s} {f'peak {first} utt':>10s} {f'peak {second} utt':>10s} "
