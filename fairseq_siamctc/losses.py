@@ -133,6 +133,8 @@ def viterbi_alignment(log_probs: Tensor, input_lengths: Tensor, target_lengths: 
     One call of torchaudio's compiled forced aligner per utterance, on the device of ``log_probs``
     (CPU or CUDA): the number of operator calls grows with B, not with T. The lengths are read to
     the host once for the whole batch, since the aligner takes each utterance at its exact shape.
+    On CUDA the aligner itself still launches one small kernel per frame and copies its
+    back-pointers to the host every 100 frames (see bench/README.md).
     """
     batch_size, max_in, num_classes = log_probs.shape
     device = log_probs.device
