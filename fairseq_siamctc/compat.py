@@ -23,6 +23,7 @@ def apply() -> None:
     _numpy2_mask_sampling()
     _convert_waveform_without_sox()
     _cpu_distributed_training()
+    _finetuned_hubert_without_label_dictionaries()
 
 
 # Fix 1. PyTorch >= 2.6 loads with weights_only=True, which refuses every fairseq checkpoint:
@@ -178,8 +179,9 @@ def check_cpu_launch(cfg) -> None:
 # from there. These are the options that name inputs; they are made absolute against the folder
 # fairseq-hydra-train was started in. Outputs (``tensorboard_logdir``, ``save_dir``) stay relative
 # to the run folder, as in fairseq.
+# ``model.data`` is hubert_ctc's copy of ``task.data``, already interpolated at this point.
 INPUT_PATH_OPTIONS = (("task", "data"), ("task", "label_dir"), ("model", "encoder_path"),
-                      ("model", "w2v_path"))
+                      ("model", "w2v_path"), ("model", "data"))
 
 
 def resolve_input_paths(cfg, launch_dir: str) -> None:
@@ -249,3 +251,55 @@ def _cpu_distributed_training() -> None:
     call_main._siamctc_cpu = True
     distributed_utils.call_main = call_main
     distributed_utils.all_gather_list = all_gather_list
+
+
+# Fix 6. Loading a fine-tuned ``hubert_ctc`` checkpoint (to decode it) rebuilds the pre-training
+# model from the configuration saved in it, and fairseq then reads the pre-training label
+# dictionaries from the label folder of that configuration: for the public checkpoints a path on
+# the authors' cluster, "No such file or directory: '/checkpoint/.../dict.km.txt'" (fairseq issue
+# 4003). The labels only size HuBERT's pre-training head, which fine-tuning leaves unused. While
+# a fine-tuned encoder is rebuilt, a missing dictionary file therefore builds the model without
+# that head (fairseq's own behaviour without dictionaries), and the head's saved weights are
+# dropped when the checkpoint is loaded. Pre-training still fails on a missing dictionary.
+_rebuilding_finetuned_hubert = [0]
+
+
+def _finetuned_hubert_without_label_dictionaries() -> None:
+    from fairseq.models.hubert import hubert_asr
+    from fairseq.tasks import hubert_pretraining
+
+    encoder = hubert_asr.HubertEncoder
+    if getattr(encoder.__init__, "_siamctc", False):
+        return
+    encoder_init = encoder.__init__
+    encoder_upgrade = encoder.upgrade_state_dict_named
+    task_cls = hubert_pretraining.HubertPretrainingTask
+    load_dictionaries = task_cls.load_dictionaries
+
+    def __init__(self, cfg, task):
+        rebuilding = cfg.w2v_args is not None  # from a fine-tuned checkpoint, not from w2v_path
+        _rebuilding_finetuned_hubert[0] += rebuilding
+        try:
+            encoder_init(self, cfg, task)
+        finally:
+            _rebuilding_finetuned_hubert[0] -= rebuilding
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        head = f"{name}.w2v_model.label_embs_concat" if name else "w2v_model.label_embs_concat"
+        if head in state_dict and getattr(self.w2v_model, "label_embs_concat", None) is None:
+            del state_dict[head]
+        return encoder_upgrade(self, state_dict, name)
+
+    def dictionaries_or_none(self):
+        try:
+            return load_dictionaries(self)
+        except FileNotFoundError as err:
+            if not _rebuilding_finetuned_hubert[0]:
+                raise
+            logger.info("rebuilding a fine-tuned HuBERT without its pre-training labels (%s)", err)
+            return None if self.cfg.fine_tuning else [None] * len(self.cfg.labels)
+
+    __init__._siamctc = True
+    encoder.__init__ = __init__
+    encoder.upgrade_state_dict_named = upgrade_state_dict_named
+    task_cls.load_dictionaries = dictionaries_or_none

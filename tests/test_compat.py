@@ -176,3 +176,29 @@ def test_cpu_run_that_needs_a_gpu_stops_in_one_line(audio_corpus, tmp_path, over
     assert last.startswith("fairseq-hydra-train: error: this machine has no GPU") and named in last
     assert "Traceback" not in proc.stderr and "ProcessGroupNCCL" not in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_finetuned_hubert_loads_without_its_pretraining_label_folder(stock_hubert_runs, tmp_path):
+    """As the public fine-tuned checkpoints: the saved label folder is a path of the authors' machines."""
+    pretrained, finetuned, _ = stock_hubert_runs
+    state = torch.load(finetuned, weights_only=False)
+    # the public fine-tuned checkpoints carry their pre-training configuration (w2v_args)
+    w2v_args = torch.load(pretrained, weights_only=False)["cfg"]
+    w2v_args["task"]["label_dir"] = str(tmp_path / "absent")
+    state["cfg"]["model"]["w2v_args"] = w2v_args
+    state["cfg"]["model"]["w2v_path"] = str(tmp_path / "absent" / "pretrained.pt")
+    moved = tmp_path / "finetuned.pt"
+    torch.save(state, moved)
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(moved)])
+    reference, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(finetuned)])
+    audio = torch.from_numpy(np.random.default_rng(0).standard_normal(16000).astype(np.float32))[None]
+    with torch.no_grad():
+        got = models[0].eval()(source=audio, padding_mask=None)["encoder_out"]
+        expected = reference[0].eval()(source=audio, padding_mask=None)["encoder_out"]
+    assert torch.equal(got, expected)
+    # pre-training itself still needs its dictionaries
+    from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig, HubertPretrainingTask
+
+    task = HubertPretrainingTask(HubertPretrainingConfig(data=str(tmp_path), labels=["km"]))
+    with pytest.raises(FileNotFoundError):
+        task.dictionaries
