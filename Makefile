@@ -9,7 +9,7 @@ APT_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k fest
 CORPUS_SIZE ?= small
 DEMO_SIZE ?= small
 
-.PHONY: setup sysdeps test corpus demo clean
+.PHONY: setup sysdeps test corpus demo study clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ corpus: setup sysdeps
 
 demo: setup sysdeps
 	$(PY) examples/demo/run_demo.py --size $(DEMO_SIZE)
+
+# seed vs SiamCTC vs continued pretraining, several seeds, probe and fine-tuning, intervals
+study: setup sysdeps
+	$(PY) examples/study/run_study.py --size $(DEMO_SIZE)
 
 clean:
 	rm -rf $(VENV) data results

@@ -48,3 +48,53 @@ def test_group_error_rate_and_interval():
     result = paired_difference(better, base, lengths, replicates=2000)
     assert result["low"] < result["diff"] < result["high"] < 0
     assert -14 < result["low"] and result["high"] < -6
+
+
+def load_runner():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "study" / "run_study.py"
+    spec = importlib.util.spec_from_file_location("run_study", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_tables_from_per_utterance_errors(tmp_path):
+    """summarise() on planted per-utterance errors: group PERs recomputed by hand, differences with
+    intervals for every SiamCTC variant, the 'mean' column equal to the mean of the five speeds."""
+    runner = load_runner()
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(10, 30, 50)
+    rates = {"seed": 0.4, "siamctc_all": 0.3, "siamctc_ctc": 0.35, "control": 0.38}
+    encoders = {"seed": ("seed", 0, None)}
+    for group in ("siamctc_all", "siamctc_ctc", "control"):
+        encoders.update({f"{group}_s{s}": (group, s, None) for s in (1, 2, 3)})
+    errors = {(name, speed): rng.binomial(lengths, rates[group] + (0.05 if speed != "1.0" else 0.0)).astype(float)
+              for name, (group, _, _) in encoders.items() for speed in runner.SPEEDS}
+    table = runner.summarise(encoders, lambda name, test, speed: (errors[name, speed], lengths), "test")
+    for speed in runner.SPEEDS:
+        expected = 100 * np.mean([errors[f"siamctc_all_s{s}", speed] for s in (1, 2, 3)], axis=0).sum() / lengths.sum()
+        assert table[speed]["per"]["siamctc_all"]["per"] == pytest.approx(expected)
+        assert set(table[speed]["diff"]) == {"siamctc_all - seed", "siamctc_all - control",
+                                             "siamctc_ctc - seed", "siamctc_ctc - control"}
+        d = table[speed]["diff"]["siamctc_all - seed"]
+        assert d["low"] < d["diff"] < d["high"] < 0  # 10 points better, 50 utterances: clearly below 0
+    for group in rates:
+        mean = np.mean([table[s]["per"][group]["per"] for s in runner.SPEEDS])
+        assert table["mean"]["per"][group]["per"] == pytest.approx(mean)
+    results = {"settings": {"size": "tiny", "seeds": [1, 2, 3], "probe_seeds": [1]},
+               "evaluations": {"probe": {"test": table}}, "stage_seconds": {"total": 1.0}}
+    text = runner.study_markdown(results)
+    assert "| siamctc_all - control |" in text and "x the seed's" in text
+    runner.plot_study(results, tmp_path / "study.png")
+    assert (tmp_path / "study.png").stat().st_size > 0
+
+
+def test_study_variants_are_the_papers_ablation():
+    runner = load_runner()
+    found = runner.variants(ablation=True, temperatures=[0.5])
+    assert found["all"] == [] and found["ctc"] == ["criterion.alpha=0", "criterion.beta=0"]
+    assert found["ctc_kld"] == ["criterion.beta=0"] and found["ctc_tince"] == ["criterion.alpha=0"]
+    assert found["all_t0.5"] == ["criterion.temperature=0.5"]
