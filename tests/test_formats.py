@@ -283,3 +283,35 @@ def test_padding_caveat(tmp_path):
     assert (hf_padded - alone).abs().max() > 100 * TOLERANCE
     assert (ours_padded - ours_alone).abs().max() <= TOLERANCE
     assert np.isclose(float((ours_alone - alone).abs().max()), 0.0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("kind", ["hubert", "wavlm"])
+def test_name_table_covers_the_published_base_layout(kind):
+    """fairseq's HuBERT Base / the plugin's WavLM Base (their default configs) against transformers'
+    default HubertConfig / WavLMConfig (facebook/hubert-base-ls960's and microsoft/wavlm-base's
+    architecture): the configs map onto each other and every weight finds its counterpart, same shape."""
+    from fairseq_siamctc.models.formats import hf_config_from_hubert, hf_state_from_encoder
+    from fairseq_siamctc.models.wavlm import WavLM, WavLMConfig
+
+    if kind == "hubert":
+        cfg = {"model": {k: (str(v) if isinstance(v, str) else v) for k, v in vars(HubertConfig()).items()},
+               "task": {"normalize": False}}
+        ours = HubertModel(OmegaConf.structured(HubertConfig(label_rate=50.0)),
+                           OmegaConf.structured(HubertPretrainingConfig(data="")), [None])
+        hf_config, _ = hf_config_from_hubert(cfg)
+        reference = transformers.HubertModel(transformers.HubertConfig())
+        cfg_model = cfg["model"]
+    else:
+        cfg_model = WavLMConfig().to_dict()
+        ours = WavLM(cfg_model)
+        hf_config, _ = hf_config_from_wavlm(cfg_model)
+        reference = transformers.WavLMModel(transformers.WavLMConfig())
+    defaults = reference.config.to_dict()
+    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "conv_dim",
+                  "conv_kernel", "conv_stride", "conv_bias", "num_conv_pos_embeddings", "num_conv_pos_embedding_groups",
+                  "feat_extract_norm", "do_stable_layer_norm"):
+        assert hf_config[field] == (list(defaults[field]) if isinstance(defaults[field], tuple) else defaults[field]), field
+    state = hf_state_from_encoder(kind, cfg_model, ours.state_dict(), {**hf_config, "apply_spec_augment": True})
+    expected = reference.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(state[k].shape == expected[k].shape for k in state)
