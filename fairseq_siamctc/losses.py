@@ -49,8 +49,10 @@ def similarity_matrix(query: Tensor, keys: Tensor, similarity: str = "cosine", s
     if query.dim() != 3 or keys.dim() != 3 or query.shape[0] != keys.shape[0] or query.shape[2] != keys.shape[2]:
         raise ValueError(f"query {tuple(query.shape)} and keys {tuple(keys.shape)} must be (B, Tq, D) and (B, Tk, D)")
     if similarity == "cosine":
-        query = F.normalize(query, dim=-1, eps=1e-8)
-        keys = F.normalize(keys, dim=-1, eps=1e-8)
+        # 1e-8 is 0 in float16: the zero rows of the padded views would be 0 / 0 (NaN gradients)
+        eps = max(1e-8, torch.finfo(query.dtype).tiny)
+        query = F.normalize(query, dim=-1, eps=eps)
+        keys = F.normalize(keys, dim=-1, eps=eps)
     if scale != 1.0:
         query = query * scale
     return torch.bmm(query, keys.transpose(1, 2))

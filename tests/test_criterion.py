@@ -234,3 +234,20 @@ def test_fairseq_fp16_optimizer_skips_the_step_and_lowers_the_scale():
     assert optimizer.scaler.loss_scale == 64.0
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), before[name]), name
+
+
+def test_float16_cosine_logits_of_padded_views_have_finite_gradients():
+    """fp16 training pads the views with zero frames before the cosine product; 0 / max(0, eps)
+    with an eps that float16 rounds to 0 would make every gradient NaN, and every fp16 step an overflow."""
+    from fairseq_siamctc.losses import similarity_matrix
+
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 6, DIM, generator=gen).half()
+    keys = torch.randn(2, 5, DIM, generator=gen).half()
+    query[0, 4:], keys[1, 3:] = 0, 0  # the padding
+    query.requires_grad_(), keys.requires_grad_()
+    logits = similarity_matrix(query, keys, "cosine", scale=0.5)
+    mask = torch.zeros(2, 6, 5, dtype=torch.bool)
+    mask[0, 4:], mask[1, :, 3:] = True, True
+    logits.masked_fill(mask, 0.0).float().sum().backward()
+    assert torch.isfinite(query.grad).all() and torch.isfinite(keys.grad).all()
