@@ -308,10 +308,16 @@ class HiddenStates:
 
 
 def file_hash(path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes; of a folder (a Hugging Face checkpoint): of its files' names and bytes."""
+    path = Path(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
     return digest.hexdigest()
 
 

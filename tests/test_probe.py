@@ -188,3 +188,19 @@ def test_cli_end_to_end_and_its_errors(tmp_path, capsys):
     assert probe_cli.main(args + ["--force"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "symbol 'B' is not in the dictionary" in err[0] and "train.phn:1" in err[0]
+
+
+@pytest.mark.parametrize("fmt", ["hf", "s3prl"])
+def test_hidden_states_of_converted_checkpoints_are_the_same(tmp_path, fmt):
+    """Every checkpoint format the plugin reads gives the probe the same hidden states; a Hugging
+    Face folder gets a cache key from its files."""
+    from fairseq_siamctc.cli import export
+
+    base = tmp_path / "h.pt"
+    tiny_hubert_checkpoint(base)
+    converted = tmp_path / ("hf" if fmt == "hf" else "s3prl.pt")
+    assert export.main([str(base), str(converted), "--format", fmt]) == 0
+    wav = (0.1 * np.random.default_rng(0).standard_normal(12000)).astype(np.float32)
+    np.testing.assert_allclose(HiddenStates(converted)(wav), HiddenStates(base)(wav), atol=1e-5, rtol=1e-5)
+    cache = FeatureCache(tmp_path / "cache", converted)
+    assert cache.folder != FeatureCache(tmp_path / "cache", base).folder
