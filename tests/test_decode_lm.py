@@ -126,7 +126,7 @@ def test_decode_with_lexicon_and_lm_writes_both_word_error_rates(stock_hubert_ru
             "--labels", "ltr", "--lexicon", str(lexicon), "--lm", lm, "--device", "cpu"]
     assert decode.main([*args, "--out", str(tmp_path / "batched")]) == 0
     printed = capfd.readouterr()
-    assert "valid: WER" in printed.out and "with the LM: WER" in printed.out and "utt/s" in printed.out
+    assert "valid: WER" in printed.out and "with the lexicon and the LM: WER" in printed.out and "utt/s" in printed.out
     assert "Reading" not in printed.err and "Loading the LM" not in printed.err  # KenLM's progress kept out
     out = tmp_path / "batched"
     score = json.loads((out / "valid.json").read_text())

@@ -296,7 +296,8 @@ def summary(score: dict) -> str:
             f"({score['errors']}/{score['ref_tokens']}, {score['utterances']} utterances)")
     if "lm" in score:
         lm = score["lm"]
-        line += f"; with the LM: WER {lm['error_rate']:.2f}% ({lm['errors']}/{lm['ref_tokens']})"
+        search = "the lexicon and the LM" if lm["lm"] else "the lexicon alone"
+        line += f"; with {search}: WER {lm['error_rate']:.2f}% ({lm['errors']}/{lm['ref_tokens']})"
         if lm["units"]["metric"] != "WER":
             line += f", {lm['units']['metric']} {lm['units']['error_rate']:.2f}%"
     speed = score["throughput"]
