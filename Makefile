@@ -42,7 +42,7 @@ demo: setup sysdeps
 
 # seed vs SiamCTC vs continued pretraining, several seeds, probe and fine-tuning, intervals
 study: setup sysdeps
-	$(PY) examples/study/run_study.py --size $(DEMO_SIZE)
+	$(PY) examples/study/run_study.py
 
 clean:
 	rm -rf $(VENV) data results

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m manifests.builtin_corpus [--size tiny|small] [--out data/builtin] [--seed 1] [--workers 2]
+    python -m manifests.builtin_corpus [--size tiny|small|study] [--out data/builtin] [--seed 1] [--workers 2]
                                        [--lexicon LEXICON] [--testdata POCKETSPHINX_TEST_DATA]
     # or: siamctc-builtin-corpus ...; `make corpus CORPUS_SIZE=small` runs it with --out data/builtin
 
@@ -29,6 +29,8 @@ What it builds (deterministic from ``--seed``; the same seed and size give the s
   kal and slt, 2 each. ``--size small`` (about 15 minutes of training audio, for the demo): train 24
   espeak-ng voices + flite awb, 12 utterances each; valid 3 espeak-ng voices + flite rms, 8 each;
   test 4 espeak-ng voices + the 3 festival voices, 10 each.
+  ``--size study`` (for ``make study``): small's train and valid, and a test set of 12 espeak-ng
+  voices + the 3 festival voices, 20 utterances each (300).
 * Real speech, ``test_real``: Debian's ``pocketsphinx-testdata``: five LibriVox clips of *Sense and
   Sensibility* (speaker 9001), five card-name recordings (``cards/``, speaker 9002) and
   ``goforward.raw`` ("go forward ten meters", raw 16-bit 16 kHz, speaker 9003), all 16 kHz mono;
@@ -109,6 +111,11 @@ SIZES = {
     "small": Size({"train": 24, "dev": 3, "test": 4}, {"train": ("awb",), "dev": ("rms",)},
                   {"test": ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts")},
                   {"train": 12, "dev": 8, "test": 10}),
+    # small's train and valid (drawn first, so the same voices and sentences) and a test set of 300
+    # utterances from 15 held-out voices, so that a study's intervals are narrow
+    "study": Size({"train": 24, "dev": 3, "test": 12}, {"train": ("awb",), "dev": ("rms",)},
+                  {"test": ("kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts")},
+                  {"train": 12, "dev": 8, "test": 20}),
 }
 
 

@@ -159,3 +159,16 @@ def test_builder_refuses_a_folder_it_did_not_make(tmp_path):
     assert (tmp_path / "audio" / "precious.flac").exists()
     with pytest.raises(bc.CorpusError, match="unknown size"):
         bc.build_corpus(tmp_path / "new", "huge")
+
+
+def test_study_size_has_300_held_out_test_utterances_and_small_training_data():
+    sentences = [f"sentence {i}" for i in range(2000)]
+    study = bc.plan_speakers(bc.SIZES["study"], sentences, seed=1)
+    small = bc.plan_speakers(bc.SIZES["small"], sentences, seed=1)
+    test = [s for s in study if s.split == "test"]
+    assert sum(len(s.utterances) for s in test) >= 300
+    voices = {split: {(s.voice.engine, s.voice.name) for s in study if s.split == split} for split in ("train", "dev", "test")}
+    assert not voices["test"] & (voices["train"] | voices["dev"])  # speaker-disjoint
+    # train and valid are small's: a seed trained on one is the seed of the other
+    for split in ("train", "dev"):
+        assert [s for s in study if s.split == split] == [s for s in small if s.split == split]

@@ -47,6 +47,8 @@ SIZES = {
                   siamctc_updates=150, control_updates=550, finetune_updates=700, warmup=80,
                   max_tokens=160000, batch_size=8),
 }
+# the study's testbed: the small corpus with 300 held-out test utterances, the same recipe
+SIZES["study"] = dict(SIZES["small"], corpus="builtin_study", work="demo_study")
 
 
 class Demo:

@@ -1,6 +1,6 @@
 """Does SiamCTC help? Seed vs SiamCTC vs time-matched continued pretraining, many seeds, intervals.
 
-    make study                                  # python examples/study/run_study.py
+    make study                                  # python examples/study/run_study.py --size study
     python examples/study/run_study.py --ablation --temperatures 0.5 1 4
 
 Stages (each cached under ``--data-root`` and skipped when its output exists; ``--force`` reruns):
@@ -62,7 +62,7 @@ class Study:
         self.args = args
         self.demo = Demo(args.size, args.out, args.data_root, args.force, control=False)
         self.settings = self.demo.settings
-        self.work = args.data_root / ("study" if args.size == "small" else f"study_{args.size}")
+        self.work = args.data_root / ("study" if args.size == "study" else f"study_{args.size}")
         self.work.mkdir(parents=True, exist_ok=True)
         self.variants = variants(args.ablation, args.temperatures)
         self.seconds = {}
@@ -312,7 +312,8 @@ def write_atomic(path: pathlib.Path, text: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=("tiny", "small"), default="small", help="built-in corpus size (default: small)")
+    parser.add_argument("--size", choices=("tiny", "small", "study"), default="study",
+                        help="built-in corpus size (default: study, the small corpus with 300 test utterances)")
     parser.add_argument("--out", type=pathlib.Path, help="results folder (default results/study[_tiny])")
     parser.add_argument("--data-root", type=pathlib.Path, default=REPO / "data",
                         help="where the corpus, the models and the feature cache go (default: data/)")
@@ -327,7 +328,7 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="rerun stages whose output exists")
     args = parser.parse_args(argv)
     args.data_root = args.data_root.resolve()
-    args.out = (args.out or REPO / ("results/study" if args.size == "small" else f"results/study_{args.size}")).resolve()
+    args.out = (args.out or REPO / ("results/study" if args.size == "study" else f"results/study_{args.size}")).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     study = Study(args)
