@@ -279,7 +279,7 @@ class PairedAudioDataset(FairseqDataset):
                 f"{len(unreadable)} of the {len(self)} files of {self.manifest_path} cannot be used, more than "
                 f"max_unreadable_share={self.max_unreadable_share}: {self._where(index)}: {reason}"
                 + (f"; also {', '.join(others)}" if others else "")
-                + " (fix or remove them from the manifest, or raise task.max_unreadable_share)"
+                + " (fix or remove them from the manifest, or raise it with ++task.max_unreadable_share=...)"
             )
         logger.warning(f"skipping {self._where(index)}: {reason} ({self._skipped} skipped so far in this process)")
         return {"id": index, "source": None}

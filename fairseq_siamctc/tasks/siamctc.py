@@ -182,7 +182,7 @@ class SiamCTCTask(FairseqTask):
         if differences:
             raise RunFolderError(
                 f"{path} holds a run of another model configuration ({'; '.join(differences)}): "
-                "choose another hydra.run.dir or checkpoint.save_dir, or set task.resume_other_run=true "
+                "choose another hydra.run.dir or checkpoint.save_dir, or add ++task.resume_other_run=true "
                 "to continue that run (its weights replace the new encoder's)"
             )
 
