@@ -6,12 +6,21 @@ Each filter names one message, so warnings and log lines of anything else still 
 import logging
 import warnings
 
-# fairseq's HubertModel logs its whole configuration (about 1,500 characters) when it is built.
-_HUBERT_CONFIG_LOG = "HubertModel Config:"
+# fairseq logs whole configurations (1,000 to 1,500 characters each) and its working directory
+# whenever it builds a HuBERT model or its pre-training task, e.g. to load a fine-tuned checkpoint.
+_FAIRSEQ_DUMPS = {
+    "fairseq.models.hubert.hubert": ("HubertModel Config:",),
+    "fairseq.tasks.hubert_pretraining": ("HubertPretrainingTask Config", "current directory is"),
+}
 
 
-def _not_a_config_dump(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(_HUBERT_CONFIG_LOG)
+class _DropDumps(logging.Filter):
+    def __init__(self, prefixes):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
 
 
 def quiet() -> None:
@@ -19,8 +28,9 @@ def quiet() -> None:
     # fairseq's convolutional position embedding is built with the deprecated weight_norm
     warnings.filterwarnings("ignore", message=r"`torch\.nn\.utils\.weight_norm` is deprecated",
                             category=FutureWarning)
-    hubert_logger = logging.getLogger("fairseq.models.hubert.hubert")
-    if _not_a_config_dump not in hubert_logger.filters:
-        hubert_logger.addFilter(_not_a_config_dump)
+    for name, prefixes in _FAIRSEQ_DUMPS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropDumps) for f in logger.filters):
+            logger.addFilter(_DropDumps(prefixes))
     # fairseq sets the root logger to DEBUG, which would print matplotlib's font search line by line
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
