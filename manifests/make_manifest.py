@@ -112,8 +112,8 @@ def check_outputs(paths: list[Path], force: bool = False) -> None:
         raise ManifestError(f"{folders[0]}: is a directory; cannot write a file there")
     existing = [p for p in paths if p.exists()]
     if existing and not force:
-        others = f" and {len(existing) - 1} more output(s)" if len(existing) > 1 else ""
-        raise ManifestError(f"{existing[0]}{others} exist already; pass --force to replace them")
+        which = f"{existing[0]} and {len(existing) - 1} more output(s) exist" if len(existing) > 1 else f"{existing[0]} exists"
+        raise ManifestError(f"{which} already; pass --force to replace them")
 
 
 def write_tsv(path: Path, root: Path, entries: list[tuple[str, int]]) -> None:

@@ -478,7 +478,7 @@ def test_speed_copies_refuse_earlier_outputs_and_bad_audio_before_writing(libri,
     make_manifest(root, out, split="test")
     speed_perturb_testset(out / "test.tsv", tmp_path / "audio", (0.9,))
     before = snapshot(out)
-    with pytest.raises(ManifestError, match=r"test_sp0.9.tsv exist already; pass --force"):
+    with pytest.raises(ManifestError, match=r"test_sp0.9.tsv exists already; pass --force"):
         speed_perturb_testset(out / "test.tsv", tmp_path / "audio", (0.9,))
     (out / "test_sp0.9.tsv").unlink()
     with pytest.raises(ManifestError, match=r"test_sp0.9: audio of an earlier run exists; pass --force"):
@@ -498,7 +498,7 @@ def test_manifest_refuses_to_replace_an_existing_one_unless_forced(libri, tmp_pa
     root, truth, _ = libri
     make_manifest(root, tmp_path / "m")
     (tmp_path / "m" / "train.tsv").write_text("kept\n")
-    with pytest.raises(SystemExit, match=r"^siamctc-manifest: error: .*train.tsv exist already; pass --force"):
+    with pytest.raises(SystemExit, match=r"^siamctc-manifest: error: .*train.tsv exists already; pass --force"):
         manifest_mod.main([str(root), "--dest", str(tmp_path / "m")])
     assert (tmp_path / "m" / "train.tsv").read_text() == "kept\n"
     manifest_mod.main([str(root), "--dest", str(tmp_path / "m"), "--force"])
