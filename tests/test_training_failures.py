@@ -157,3 +157,27 @@ def test_user_errors_end_in_one_line_naming_the_file(corpus, tmp_path):
         f"model.w2v_path={corpus / 'hubert.pt'}", f"hydra.run.dir={tmp_path / 'c'}", *CPU_OVERRIDES,
     ], tmp_path))
     assert str(tmp_path / "dict.phn.txt") in last
+
+
+def test_user_error_messages_survive_the_ways_fairseq_moves_errors():
+    from torch.multiprocessing import ProcessRaisedException
+
+    from fairseq_siamctc.errors import DataError, SetupError, user_error_message
+
+    assert user_error_message(SetupError("model siamctc: checkpoint not found: x.pt")) == \
+        "model siamctc: checkpoint not found: x.pt"
+    # a DataLoader worker re-raises the same class with the worker's traceback as the message
+    worker = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                       "last):\n  File \"x.py\", line 1, in f\nfairseq_siamctc.errors.DataError: 2 of the 8 files\n")
+    assert user_error_message(worker) == "2 of the 8 files"
+    # a spawned training process reaches the launcher as text
+    spawned = ProcessRaisedException("\n\n-- Process 1 terminated with the following error:\nTraceback (most recent "
+                                     "call last):\n  File \"x.py\", line 1\nfairseq_siamctc.errors.RunFolderError: "
+                                     "run.pt holds a run of another model configuration\n", 1, 123)
+    assert user_error_message(spawned) == "run.pt holds a run of another model configuration"
+    assert user_error_message(FileNotFoundError(2, "No such file or directory", "dict.phn.txt")) == \
+        "No such file or directory: dict.phn.txt"
+    # anything else keeps its traceback
+    assert user_error_message(RuntimeError("CUDA out of memory")) is None
+    assert user_error_message(ValueError("Traceback (most recent call last):\nValueError: x")) is None
+    assert user_error_message(FileNotFoundError("no filename")) is None
