@@ -61,7 +61,10 @@ class Study:
     def __init__(self, args):
         self.args = args
         self.demo = Demo(args.size, args.out, args.data_root, args.force, control=False)
-        self.settings = self.demo.settings
+        self.settings = self.demo.settings = dict(self.demo.settings)
+        for key in ("siamctc_updates", "control_updates"):
+            if getattr(args, key) is not None:
+                self.settings[key] = getattr(args, key)
         self.work = args.data_root / ("study" if args.size == "study" else f"study_{args.size}")
         self.work.mkdir(parents=True, exist_ok=True)
         self.variants = variants(args.ablation, args.temperatures)
@@ -100,7 +103,7 @@ class Study:
                         f"optimization.max_update={self.settings['siamctc_updates']}",
                         f"dataset.batch_size={self.settings['batch_size']}",
                         f"lr_scheduler.warmup_updates={max(1, self.settings['siamctc_updates'] // 5)}",
-                        f"common.seed={seed}", "dataset.num_workers=0", *overrides,
+                        f"common.seed={seed}", "dataset.num_workers=0", *self.args.siamctc_override, *overrides,
                     ], threads=1, background=True)))
         self.in_pairs(jobs)
         for name, _ in jobs:
@@ -190,13 +193,19 @@ class Study:
     def report(self, started):
         results = {"settings": {**self.settings, "seeds": self.args.seeds, "probe_seeds": self.args.probe_seeds,
                                 "probe_epochs": self.args.probe_epochs, "variants": self.variants,
-                                "size": self.args.size},
+                                "size": self.args.size, "siamctc_override": self.args.siamctc_override},
                    "evaluations": {}}
         methods = {"probe": self.probe_errors}
         if not self.args.no_finetune:
             methods["finetune"] = self.finetune_errors
         for method, errors_of in methods.items():
             results["evaluations"][method] = {t: summarise(self.encoders(), errors_of, t) for t in TEST_SETS}
+        # the number recipes are chosen on: the probe's valid PER, never a test set's
+        valid = {}
+        for name, (group, _, _) in self.encoders().items():
+            record = json.loads((self.args.out / "probe" / f"{name}.json").read_text())
+            valid.setdefault(group, []).extend(s["valid_per"] for s in record["seeds"].values())
+        results["probe_valid_per"] = {group: float(np.mean(v)) for group, v in valid.items()}
         self.seconds["total"] = round(time.time() - started, 1)
         results["stage_seconds"] = self.seconds
         write_atomic(self.args.out / "study.json", json.dumps(results, indent=2) + "\n")
@@ -275,6 +284,9 @@ def study_markdown(results) -> str:
                 if group.startswith("siamctc") and seed_mean:
                     lines.append(f"\n{group}: mean PER {v['per'] / seed_mean:.2f} x the seed's")
             lines.append("")
+    if "probe_valid_per" in results:
+        lines.append("Probe PER on valid (for choosing recipes): "
+                     + ", ".join(f"{g} {v:.1f}" for g, v in results["probe_valid_per"].items()) + "\n")
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in results["stage_seconds"].items())
     lines.append(f"Wall time: {stages}.")
     return "\n".join(lines) + "\n"
@@ -323,9 +335,17 @@ def main(argv=None):
                         help="passes of the probe over the training split (SUPERB: 112; default 30 to fit 2 hours)")
     parser.add_argument("--ablation", action="store_true", help="also CTC only, CTC + KLD, CTC + TINCE (paper table 2)")
     parser.add_argument("--temperatures", type=float, nargs="*", help="also the full objective at these alignment temperatures")
+    parser.add_argument("--siamctc-updates", type=int, help="SiamCTC updates per run (default: the demo's)")
+    parser.add_argument("--control-updates", type=int,
+                        help="control updates per run (default: the demo's, time-matched to its SiamCTC updates)")
+    parser.add_argument("--siamctc-override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more Hydra overrides of every SiamCTC run (e.g. optimization.lr=[5e-5]); "
+                             "choose them on the probe's valid PER, never on test")
     parser.add_argument("--no-control", action="store_true", help="skip the continued-pretraining control")
     parser.add_argument("--no-finetune", action="store_true", help="probe only, skip fine-tuning")
-    parser.add_argument("--force", action="store_true", help="rerun stages whose output exists")
+    parser.add_argument("--force", action="store_true",
+                        help="rerun stages whose output exists (models are cached by name: after changing a "
+                             "recipe option, use --force or another --data-root)")
     args = parser.parse_args(argv)
     args.data_root = args.data_root.resolve()
     args.out = (args.out or REPO / ("results/study" if args.size == "study" else f"results/study_{args.size}")).resolve()
