@@ -121,3 +121,28 @@ def test_finetuning_killed_mid_epoch_resumes_the_update_count_and_schedule(corpu
     assert [r["lr"] for r in resumed_log] == [r["lr"] for r in whole_log[SAVE_AT:]]
     # Losses are not compared: hubert_ctc draws its time masks from numpy's global state, which
     # fairseq does not reseed per update (it does reseed torch: dropout resumes exactly).
+
+
+def test_checkpoint_copies_are_atomic(tmp_path, monkeypatch):
+    """A kill while fairseq copies checkpoint_N.pt to checkpoint_last.pt must leave the old
+    checkpoint_last.pt whole (the copy is simulated failing halfway)."""
+    import hydra_plugins.siamctc_compat  # noqa: F401  (what fairseq-hydra-train imports at start)
+    from fairseq.file_io import PathManager
+
+    src, dst = tmp_path / "checkpoint_2_5.pt", tmp_path / "checkpoint_last.pt"
+    src.write_bytes(b"new" * 1000)
+    dst.write_bytes(b"old" * 1000)
+    copyfile = shutil.copyfile
+
+    def killed_halfway(src_path, dst_path, **kwargs):
+        with open(src_path, "rb") as fsrc, open(dst_path, "wb") as fdst:
+            fdst.write(fsrc.read(1500))
+        raise KeyboardInterrupt  # stands in for the process dying mid-copy
+
+    monkeypatch.setattr(shutil, "copyfile", killed_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        PathManager.copy(str(src), str(dst), overwrite=True)
+    assert dst.read_bytes() == b"old" * 1000 and sorted(p.name for p in tmp_path.iterdir()) == [src.name, dst.name]
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    assert PathManager.copy(str(src), str(dst), overwrite=True) is True  # fairseq asserts the result
+    assert dst.read_bytes() == b"new" * 1000

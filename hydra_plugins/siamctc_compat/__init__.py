@@ -4,9 +4,15 @@ Hydra imports every module under ``hydra_plugins`` when it starts, before fairse
 ``common.user_dir``. The multi-process CPU fix has to be in place by then, because fairseq decides
 how many processes to spawn before it imports the user directory. For the same reason the errors a
 user causes are reported here: fairseq's training entry point is wrapped so that they end in one line
-(see :mod:`fairseq_siamctc.errors`) instead of Hydra's traceback.
+(see :mod:`fairseq_siamctc.errors`) instead of Hydra's traceback. And so that a run killed at any
+moment can be resumed by the same command, fairseq's copies of a saved checkpoint (to
+``checkpoint_last.pt``, ``checkpoint_best.pt``) are made atomic: fairseq writes the first file through
+a temporary name, but copies it to the others in place, so a kill during the copy left a truncated
+``checkpoint_last.pt`` that the next run could not load.
 """
 
+import os
+import shutil
 import sys
 
 import fairseq_siamctc  # noqa: F401
@@ -22,4 +28,36 @@ def _report_user_errors_of_fairseq_hydra_train() -> None:
             module._hydra_main = report_user_errors(main)
 
 
+def atomic_copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+    """Copies a local file through a temporary file in the destination's folder: the destination is
+    the old file or the whole new one, never a part. Returns True, as fairseq's ``PathManager.copy``."""
+    if os.path.exists(dst_path) and not overwrite:
+        raise FileExistsError(f"{dst_path} exists")
+    tmp = f"{dst_path}.tmp{os.getpid()}"
+    try:
+        shutil.copyfile(src_path, tmp)
+        os.replace(tmp, dst_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return True
+
+
+def _atomic_checkpoint_copies() -> None:
+    from fairseq.file_io import PathManager
+
+    copy = PathManager.copy
+    if getattr(copy, "atomic", False):
+        return
+
+    def copy_atomically(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+        if "://" in str(src_path) or "://" in str(dst_path):  # remote storage: fairseq's own copy
+            return copy(src_path, dst_path, overwrite)
+        return atomic_copy(src_path, dst_path, overwrite)
+
+    copy_atomically.atomic = True
+    PathManager.copy = staticmethod(copy_atomically)
+
+
 _report_user_errors_of_fairseq_hydra_train()
+_atomic_checkpoint_copies()
