@@ -349,3 +349,14 @@ def test_a_batch_runs_through_the_criterion_as_its_utterances_one_by_one(tmp_pat
     assert loss.item() == pytest.approx(singles.item(), rel=1e-4)
     loss.backward()
     assert model.conv.weight.grad.abs().sum() > 0 and model.phi.weight.grad.abs().sum() > 0
+
+
+def test_run_folder_check_compares_the_model_settings_both_runs_have():
+    from fairseq_siamctc.tasks.siamctc import model_config_differences
+
+    saved = {"_name": "siamctc", "encoder_path": "/a/hubert.pt", "feature_layer": None, "checkpoint_activations": False}
+    assert model_config_differences(saved, dict(saved)) == []
+    # a setting added to the plugin since, or one that changes only how a step is computed, is no difference
+    assert model_config_differences(saved, {**saved, "new_setting": 1, "checkpoint_activations": True}) == []
+    assert model_config_differences(saved, {**saved, "feature_layer": 9, "encoder_path": "/b/hubert.pt"}) == [
+        "model.encoder_path: '/a/hubert.pt' -> '/b/hubert.pt'", "model.feature_layer: None -> 9"]
