@@ -2,7 +2,6 @@
 with the weights of 1 process with all 8, once nothing random depends on the process (no dropout, no
 TINCE negatives)."""
 
-import pytest
 import torch
 
 import fairseq_siamctc  # noqa: F401  (compat: safe loading of fairseq checkpoints)
