@@ -8,7 +8,6 @@ encoder mixes them into every feature, so that its frames are alike and its alig
 objective must teach it to keep the templates. The perturbed view is the same segments played 0.8 or
 1.25 times as fast, sampled at the frame centres, so its true alignment is the diagonal."""
 
-import pytest
 import torch
 import torch.nn as nn
 
