@@ -204,3 +204,19 @@ def test_hidden_states_of_converted_checkpoints_are_the_same(tmp_path, fmt):
     np.testing.assert_allclose(HiddenStates(converted)(wav), HiddenStates(base)(wav), atol=1e-5, rtol=1e-5)
     cache = FeatureCache(tmp_path / "cache", converted)
     assert cache.folder != FeatureCache(tmp_path / "cache", base).folder
+
+
+def test_hidden_states_of_a_siamctc_training_checkpoint_equal_its_export(tmp_path, audio_corpus):
+    """A SiamCTC training checkpoint is probed as the encoder it trained: its export (an ordinary
+    HuBERT checkpoint) gives the same hidden states, and those differ from the base encoder's."""
+    from fairseq_siamctc.cli import export
+    from test_export import train_siamctc
+
+    base = tmp_path / "base.pt"
+    tiny_hubert_checkpoint(base)
+    trained = train_siamctc(audio_corpus, base, tmp_path / "siamctc", updates=2)
+    assert export.main([str(trained), str(tmp_path / "exported.pt")]) == 0
+    wav = (0.1 * np.random.default_rng(0).standard_normal(12000)).astype(np.float32)
+    states = HiddenStates(trained)(wav)
+    np.testing.assert_allclose(states, HiddenStates(tmp_path / "exported.pt")(wav), atol=1e-6, rtol=1e-6)
+    assert np.abs(states[:, -1] - HiddenStates(base)(wav)[:, -1]).max() > 1e-4  # it did train
