@@ -34,7 +34,7 @@ test: setup sysdeps
 	$(PY) -m pytest tests
 
 corpus: setup sysdeps
-	$(PY) -m manifests.builtin_corpus --size $(CORPUS_SIZE) \
+	$(PY) -m siamctc_manifests.builtin_corpus --size $(CORPUS_SIZE) \
 	  --out data/builtin$(if $(filter-out small,$(CORPUS_SIZE)),_$(CORPUS_SIZE))
 
 demo: setup sysdeps

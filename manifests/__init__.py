@@ -1,1 +1,1 @@
-"""Manifest, label and corpus creation scripts."""
+"""Manifest, label and corpus creation scripts, installed as ``siamctc_manifests``."""

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m manifests.builtin_corpus [--size tiny|small|study] [--out data/builtin] [--seed 1] [--workers 2]
+    python -m siamctc_manifests.builtin_corpus [--size tiny|small|study] [--out data/builtin] [--seed 1] [--workers 2]
                                        [--lexicon LEXICON] [--testdata POCKETSPHINX_TEST_DATA]
     # or: siamctc-builtin-corpus ...; `make corpus CORPUS_SIZE=small` runs it with --out data/builtin
 
@@ -47,8 +47,8 @@ Output (``--out``, default ``data/builtin``; its ``audio/`` and ``manifests/`` a
     corpus.json                                           (sizes, speakers, build time)
 
 At the end it prints a summary: build time, hours of audio, speakers and utterances per split,
-and the phone inventory size. The manifests and labels come from ``manifests.make_manifest``,
-``manifests.make_labels`` and ``manifests.speed_perturb_testset``, exactly as for LibriSpeech.
+and the phone inventory size. The manifests and labels come from ``siamctc_manifests.make_manifest``,
+``siamctc_manifests.make_labels`` and ``siamctc_manifests.speed_perturb_testset``, exactly as for LibriSpeech.
 """
 
 from __future__ import annotations
@@ -69,10 +69,10 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from manifests.make_labels import LabelError, Lexicon, load_lexicon, make_labels, normalize_words
-from manifests.make_manifest import ManifestError, make_manifest
-from manifests.speed_perturb_testset import DEFAULT_SPEEDS, speed_perturb_testset
-from manifests.tts import SAMPLE_RATE, TTSError, Utterance, Voice, synthesize
+from .make_labels import LabelError, Lexicon, load_lexicon, make_labels, normalize_words
+from .make_manifest import ManifestError, make_manifest
+from .speed_perturb_testset import DEFAULT_SPEEDS, speed_perturb_testset
+from .tts import SAMPLE_RATE, TTSError, Utterance, Voice, synthesize
 
 DEBIAN_LEXICON = Path("/usr/share/pocketsphinx/model/en-us/cmudict-en-us.dict")
 DEBIAN_TESTDATA = Path("/usr/share/pocketsphinx/test/data")

@@ -6,7 +6,7 @@ Usage::
                    [--lexicon LEXICON [--keep-stress] [--on-oov error|skip]]
                    [--on-missing error|skip] [--dict-splits train]
                    [--spm-vocab N [--spm-type unigram|bpe]] [--force]
-    # equivalently: python -m manifests.make_labels ...
+    # equivalently: python -m siamctc_manifests.make_labels ...
 
     # LibriSpeech with the CMU dictionary of Debian's pocketsphinx-en-us (39 phonemes, no stress)
     siamctc-labels audio_lists/train.tsv audio_lists/valid.tsv audio_lists/test_clean.tsv \\
@@ -65,7 +65,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from manifests.make_manifest import ManifestError, check_outputs, read_tsv, write_atomically, write_tsv
+from .make_manifest import ManifestError, check_outputs, read_tsv, write_atomically, write_tsv
 
 NON_WORD_CHARS = re.compile(r"[^A-Z']+")
 STRESS_DIGITS = re.compile(r"\d+$")

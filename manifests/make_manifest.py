@@ -5,7 +5,7 @@ Usage::
     siamctc-manifest AUDIO_ROOT --dest MANIFEST_DIR [--split train] [--ext flac wav]
                      [--valid-fraction 0.01 --valid-split valid --seed 1]
                      [--sample-rate 16000] [--on-bad error|skip]
-    # equivalently: python -m manifests.make_manifest ...
+    # equivalently: python -m siamctc_manifests.make_manifest ...
 
     # LibriSpeech: one manifest per subset, named as fairseq's recipes expect
     siamctc-manifest LibriSpeech/train-clean-100 --dest manifests --split train

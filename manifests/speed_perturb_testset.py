@@ -4,7 +4,7 @@ Usage::
 
     siamctc-speed-testsets MANIFEST_DIR/test_clean.tsv --audio-out AUDIO_DIR
                            [--speeds 0.8 0.9 1.1 1.2] [--out-dir MANIFEST_DIR] [--labels wrd ltr phn]
-    # equivalently: python -m manifests.speed_perturb_testset ...
+    # equivalently: python -m siamctc_manifests.speed_perturb_testset ...
 
 For every speed factor ``s`` and manifest ``{split}.tsv`` this writes
 
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from manifests.make_manifest import ManifestError, check_outputs, read_tsv, write_atomically, write_tsv
+from .make_manifest import ManifestError, check_outputs, read_tsv, write_atomically, write_tsv
 
 DEFAULT_SPEEDS = (0.8, 0.9, 1.1, 1.2)
 DEFAULT_LABELS = ("wrd", "ltr", "phn", "spm")

@@ -133,7 +133,7 @@ def missing_debian_packages():
     """The Debian packages of the built-in corpus that this machine lacks (``make test`` installs them)."""
     import shutil
 
-    from manifests import builtin_corpus
+    from siamctc_manifests import builtin_corpus
 
     return [name for name, present in [
         ("espeak-ng", shutil.which("espeak-ng")), ("flite", shutil.which("flite")),
@@ -150,7 +150,7 @@ needs_corpus_packages = pytest.mark.skipif(
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """The built-in corpus, size tiny, built once per session: (folder, build summary). Read only."""
-    from manifests import builtin_corpus
+    from siamctc_manifests import builtin_corpus
 
     out = tmp_path_factory.mktemp("builtin_tiny")
     return out, builtin_corpus.build_corpus(out, "tiny", seed=1, workers=2)

@@ -12,10 +12,10 @@ import pytest
 import soundfile as sf
 
 from conftest import needs_corpus_packages
-from manifests import builtin_corpus as bc
-from manifests.make_labels import load_lexicon, normalize_words
-from manifests.make_manifest import read_tsv
-from manifests.tts import Utterance, Voice, synthesize
+from siamctc_manifests import builtin_corpus as bc
+from siamctc_manifests.make_labels import load_lexicon, normalize_words
+from siamctc_manifests.make_manifest import read_tsv
+from siamctc_manifests.tts import Utterance, Voice, synthesize
 
 pytestmark = needs_corpus_packages
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from manifests import make_labels as labels_mod
-from manifests import make_manifest as manifest_mod
-from manifests import speed_perturb_testset as speed_mod
-from manifests.make_labels import LabelError, letter_label, load_lexicon, make_labels, normalize_words
-from manifests.make_manifest import ManifestError, make_manifest, read_tsv
-from manifests.speed_perturb_testset import speed_perturb_testset
+from siamctc_manifests import make_labels as labels_mod
+from siamctc_manifests import make_manifest as manifest_mod
+from siamctc_manifests import speed_perturb_testset as speed_mod
+from siamctc_manifests.make_labels import LabelError, letter_label, load_lexicon, make_labels, normalize_words
+from siamctc_manifests.make_manifest import ManifestError, make_manifest, read_tsv
+from siamctc_manifests.speed_perturb_testset import speed_perturb_testset
 
 SR = 16000
 
@@ -326,7 +326,7 @@ def test_a_folder_in_place_of_an_output_is_refused_before_any_work(libri, tmp_pa
 
 
 def test_an_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
-    from manifests.make_manifest import write_atomically
+    from siamctc_manifests.make_manifest import write_atomically
 
     target = tmp_path / "train.wrd"
     target.write_text("old\n")

@@ -118,7 +118,7 @@ class Demo:
 
     # -- stages ------------------------------------------------------------------------------
     def build_corpus(self):
-        self.run("corpus", [PYTHON, "-m", "manifests.builtin_corpus", "--size", self.size,
+        self.run("corpus", [PYTHON, "-m", "siamctc_manifests.builtin_corpus", "--size", self.size,
                             "--out", self.corpus], echo=True)
 
     def units(self):
