@@ -121,3 +121,20 @@ def test_evaluation_without_gradient_is_unchanged(base_checkpoints):
     with torch.no_grad():
         a, b = plain(*views()), checkpointed(*views())
     torch.testing.assert_close(a["z"], b["z"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("base", ["hubert.pt", "wavlm.pt"])
+def test_frozen_cnn_in_chunks_gives_the_same_features(base_checkpoints, base, monkeypatch):
+    import fairseq_siamctc.models.wavlm as wavlm
+
+    net = model(base_checkpoints / base, False).eval()
+    assert net.cfg.freeze_feature_extractor
+    calls = []
+    net.encoder.feature_extractor.conv_layers[0][0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    with torch.no_grad():
+        whole = net(*views())
+        monkeypatch.setattr(wavlm, "FROZEN_CNN_CHUNK_SAMPLES", 4800)  # one padded waveform at a time
+        chunked = net(*views())
+    assert calls == [4, 1, 1, 1, 1]  # both views of both utterances at once, then one by one
+    for key in ("z", "z_pert"):
+        torch.testing.assert_close(chunked[key], whole[key], rtol=0, atol=1e-12)

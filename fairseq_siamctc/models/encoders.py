@@ -26,7 +26,14 @@ from fairseq.modules import GradMultiply
 from omegaconf import OmegaConf
 
 from .checkpoints import HUBERT, WAVLM, Checkpoint, CheckpointError, hubert_label_set_sizes, label_dictionary, plain
-from .wavlm import WavLM, WavLMConfig, conv_output_lengths, lengths_to_padding_mask, masked_channel_norm
+from .wavlm import (
+    WavLM,
+    WavLMConfig,
+    conv_output_lengths,
+    frozen_cnn_features,
+    lengths_to_padding_mask,
+    masked_channel_norm,
+)
 
 # encoder settings a SiamCTC config may override (same names in HuBERT's and WavLM's configs)
 OVERRIDABLE = (
@@ -153,8 +160,7 @@ def hubert_features(
         if model.feature_grad_mult != 1.0:
             features = GradMultiply.apply(features, model.feature_grad_mult)
     else:
-        with torch.no_grad():
-            features = hubert_cnn_features(model, source, sample_lengths)
+        features = frozen_cnn_features(functools.partial(hubert_cnn_features, model), source, sample_lengths)
     features = model.layer_norm(features.transpose(1, 2))
     frame_padding_mask = None
     if sample_lengths is not None:

@@ -178,6 +178,26 @@ def masked_channel_norm(
     return (normed * weight[:, None] + bias[:, None]).type_as(x)
 
 
+# a frozen CNN runs over at most this many samples at once: its first layers hold about 2 kB of
+# temporaries per input sample, 10 GB for the paper's batch of 8 utterances with both views at once
+FROZEN_CNN_CHUNK_SAMPLES = 500_000
+
+
+def frozen_cnn_features(cnn, source: torch.Tensor, sample_lengths: Optional[torch.Tensor]) -> torch.Tensor:
+    """``cnn(source, sample_lengths)`` without gradient, over chunks of the batch.
+
+    source (B, S), sample_lengths (B,) or None -> (B, C, T). Every utterance is normalised on its own
+    (per-utterance statistics), so chunking changes nothing but the peak memory.
+    """
+    step = max(1, FROZEN_CNN_CHUNK_SAMPLES // max(source.size(1), 1))
+    with torch.no_grad():
+        parts = [
+            cnn(source[i : i + step], None if sample_lengths is None else sample_lengths[i : i + step])
+            for i in range(0, source.size(0), step)
+        ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def relative_position_bucket(relative_position: torch.Tensor, num_buckets: int, max_distance: int) -> torch.Tensor:
     """Bidirectional T5-style buckets of key-minus-query offsets (any shape, long) -> bucket ids (long).
 
@@ -518,8 +538,7 @@ class WavLM(nn.Module):
             if self.feature_grad_mult != 1.0:
                 features = GradMultiply.apply(features, self.feature_grad_mult)
         else:
-            with torch.no_grad():
-                features = self.feature_extractor(source, sample_lengths)
+            features = frozen_cnn_features(self.feature_extractor, source, sample_lengths)
         features = self.layer_norm(features.transpose(1, 2))
         frame_padding_mask = None
         if sample_lengths is not None:
