@@ -30,6 +30,10 @@ from .models.encoders import hubert_features
 from .models.wavlm import WavLM
 
 
+# the largest share of a batch's padded samples that may be padding
+MAX_PADDING = 0.1
+
+
 def backbone(model: nn.Module) -> Optional[nn.Module]:
     """The pre-trained encoder inside a fine-tuned CTC model (``hubert_ctc``, ``wav2vec_ctc``,
     ``wavlm_ctc``: ``model.w2v_encoder.w2v_model``), or None for another kind of model."""
@@ -130,22 +134,29 @@ def greedy_ctc(logits: torch.Tensor, lengths: torch.Tensor, blank: int, drop: Se
     return [row[mask].tolist() for row, mask in zip(path, keep)]
 
 
-def length_sorted_batches(num_samples: Sequence[int], batch_size: int, max_tokens: int) -> List[List[int]]:
+def length_sorted_batches(num_samples: Sequence[int], batch_size: int, max_tokens: int,
+                          max_padding: float = MAX_PADDING) -> List[List[int]]:
     """Indices grouped into batches of similar length, longest first (so memory peaks at once).
 
-    A batch holds at most ``batch_size`` utterances and at most ``max_tokens`` samples once padded
-    to its longest; an utterance longer than ``max_tokens`` is a batch of its own.
+    A batch holds at most ``batch_size`` utterances, at most ``max_tokens`` samples once padded to
+    its longest, and at most a ``max_padding`` share of padding (what the padding costs is
+    arithmetic thrown away: on a CPU it outweighs what batching saves); an utterance that fits no
+    batch is a batch of its own.
     """
     if batch_size < 1 or max_tokens < 1:
         raise ValueError(f"batch size and max tokens must be positive, got {batch_size} and {max_tokens}")
     order = np.argsort(-np.asarray(num_samples, dtype=np.int64), kind="stable")
     batches: List[List[int]] = []
+    real = 0
     for index in order.tolist():
+        size = int(num_samples[index])
         if batches:
             batch = batches[-1]
-            longest = int(num_samples[batch[0]])
-            if len(batch) < batch_size and (len(batch) + 1) * longest <= max_tokens:
+            padded = (len(batch) + 1) * int(num_samples[batch[0]])
+            if len(batch) < batch_size and padded <= max_tokens and padded - (real + size) <= max_padding * padded:
                 batch.append(index)
+                real += size
                 continue
         batches.append([index])
+        real = size
     return batches

@@ -87,10 +87,16 @@ def test_length_sorted_batches_cover_every_utterance_within_the_limits():
     flat = [sizes[i] for batch in batches for i in batch]
     assert flat == sorted(flat, reverse=True)  # longest first, neighbours in length together
     for batch in batches:
+        padded = len(batch) * max(sizes[i] for i in batch)
         assert len(batch) <= 8
-        assert len(batch) == 1 or len(batch) * max(sizes[i] for i in batch) <= 120000
+        assert len(batch) == 1 or (padded <= 120000 and padded - sum(sizes[i] for i in batch) <= 0.1 * padded)
     assert [5] in batches
     assert length_sorted_batches(sizes, 1, 10**9) == [[i] for i in np.argsort(-sizes, kind="stable")]
+    # without the padding limit, consecutive utterances fill each batch to the utterance or token limit
+    loose = length_sorted_batches(sizes, 8, 120000, max_padding=1.0)
+    assert len(loose) < len(batches)
+    for batch, following in zip(loose, loose[1:]):
+        assert len(batch) == 8 or (len(batch) + 1) * sizes[batch[0]] > 120000
     with pytest.raises(ValueError, match="positive"):
         length_sorted_batches(sizes, 0, 100)
 
