@@ -1,7 +1,8 @@
 """Greedy CTC decoding throughput: length-sorted batches against one utterance at a time, one test set.
 
     python bench/decode.py [--data data/builtin/manifests] [--split test] [--size demo|base]
-                           [--checkpoint FINETUNED.pt] [--batch-size 16] [--threads 1] [--repeats 3]
+                           [--checkpoint FINETUNED.pt] [--batch-size 16] [--max-padding 0.1]
+                           [--threads 1] [--repeats 3]
 
 Both ways decode the same utterances in the same process, alternately, ``--repeats`` times; each
 way's time is its fastest repeat, so a load the shared machine puts on one repeat does not count.
@@ -39,7 +40,7 @@ import fairseq_siamctc  # noqa: F401  (compatibility fixes)
 from fairseq_siamctc.cli.decode import BATCH_SIZE, MAX_TOKENS, CtcRecognizer
 from fairseq_siamctc.data.audio import read_audio
 from fairseq_siamctc.data.paired_audio_dataset import read_manifest
-from fairseq_siamctc.decoding import length_sorted_batches
+from fairseq_siamctc.decoding import MAX_PADDING, length_sorted_batches
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZES = {
@@ -93,6 +94,8 @@ def main(argv=None):
     parser.add_argument("--checkpoint", default=None, help="a fine-tuned CTC checkpoint to time instead")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"(default: {BATCH_SIZE})")
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help=f"(default: {MAX_TOKENS})")
+    parser.add_argument("--max-padding", type=float, default=MAX_PADDING,
+                        help=f"largest share of padding in a batch (default: {MAX_PADDING})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
@@ -115,7 +118,7 @@ def main(argv=None):
         label = f"hubert_ctc, {args.size} size, random weights"
     parameters = sum(p.numel() for p in recognizer.model.parameters())
     audio_seconds = sum(map(len, wavs)) / 16000
-    batches = length_sorted_batches([len(w) for w in wavs], args.batch_size, args.max_tokens)
+    batches = length_sorted_batches([len(w) for w in wavs], args.batch_size, args.max_tokens, args.max_padding)
     padded = sum(len(b) * max(len(wavs[i]) for i in b) for b in batches) / 16000
 
     def one_at_a_time():
