@@ -178,8 +178,8 @@ def masked_channel_norm(
     return (normed * weight[:, None] + bias[:, None]).type_as(x)
 
 
-# a frozen CNN runs over at most this many samples at once: its first layers hold about 2 kB of
-# temporaries per input sample, 10 GB for the paper's batch of 8 utterances with both views at once
+# a frozen CNN runs over at most this many samples at once: the temporaries of its first layers
+# grow with the samples of one pass, which holds both views of the whole batch
 FROZEN_CNN_CHUNK_SAMPLES = 500_000
 
 
