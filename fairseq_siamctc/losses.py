@@ -341,7 +341,7 @@ def siamctc_loss(
     :func:`alignment_statistics`), ``swapped_share`` (share of utterances that swapped roles) and
     ``num_aligned`` (utterances with at least one frame in each view; the others contribute nothing
     to ctc and kld). A term with weight 0 is still computed, without gradient, and left out of ``loss``
-    (``ctc_weight`` and ``generator``, the source of the TINCE negatives, extend the issue's API).
+    (``ctc_weight`` and ``generator``, the source of the TINCE negatives, extend the paper's terms).
     """
     if ctc_weight == 0 and alpha == 0 and beta == 0:
         raise ValueError("ctc_weight, alpha and beta are all 0: the SiamCTC loss would be empty")
