@@ -27,7 +27,6 @@ Writes ``study.json``, ``study.md`` and ``study.png`` (PER against speed, 95 % i
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -37,6 +36,8 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples" / "demo"))
 from run_demo import BIN, SPEEDS, Demo  # noqa: E402  (the demo's stages and command runner)
+
+from fairseq_siamctc.cli.outputs import save_figure, write_atomic  # noqa: E402
 
 TEST_SETS = ("test", "test_real")
 # the paper's table 2: which terms each variant keeps
@@ -312,14 +313,7 @@ def plot_study(results, path):
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def write_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv=None):

@@ -52,6 +52,7 @@ from ..data.audio import read_audio
 from ..data.paired_audio_dataset import normalize_waveform, read_manifest
 from ..decoding import greedy_ctc, length_sorted_batches, padding_independent, padding_independent_logits
 from ..lm_decoding import WORD_BOUNDARY, LMDecoderOptions, build_lm_decoder, lm_decode
+from .outputs import write_atomic
 
 logger = logging.getLogger("siamctc.decode")
 
@@ -193,13 +194,6 @@ def read_lines(path: pathlib.Path, expected: int) -> List[str]:
     if len(lines) != expected:
         raise ValueError(f"{path} has {len(lines)} lines but the manifest has {expected} utterances")
     return lines
-
-
-def write_atomic(path: pathlib.Path, text: str) -> None:
-    """Writes a file whole or not at all (a temporary file in the same folder, then renamed)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @dataclass

@@ -15,7 +15,6 @@ criterion settings unless given here: the paper warns that results hang on the t
 """
 
 import argparse
-import os
 import pathlib
 import sys
 
@@ -28,6 +27,7 @@ from ..data.perturb import perturb
 from ..losses import alignment_log_probs, viterbi_alignment
 from ..models.checkpoints import SIAMCTC, CheckpointError, read_checkpoint
 from ..models.siamctc import SiamCTCModel
+from .outputs import save_figure
 from .plotting import pyplot
 
 
@@ -120,11 +120,7 @@ def plot(log_probs, path, swapped, speed, title, out):
     ax_offset.set_xlabel(f"CTC input: {original if swapped else perturbed}")
     ax_offset.set_title(f"offset of the Viterbi path from the true warp (mean |offset| {mean_abs:.1f} frames)",
                         fontsize=9)
-    out = pathlib.Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format=out.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    os.replace(tmp, out)
+    save_figure(fig, out)
     return mean_abs
 
 

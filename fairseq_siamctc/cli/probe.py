@@ -13,7 +13,6 @@ layer weights) and ``OUT/probe.md`` (the mean over seeds).
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import torch
 
 from fairseq_siamctc.models.checkpoints import CheckpointError
 from fairseq_siamctc.probe import SUPERB_EPOCHS, ProbeConfig, probe_checkpoint
+
+from .outputs import write_atomic
 
 
 def summary_markdown(record) -> str:
@@ -38,11 +39,6 @@ def summary_markdown(record) -> str:
     lines.append("valid PER: " + ", ".join(f"{s['valid_per']:.1f}" for s in seeds))
     return "\n".join(lines) + "\n"
 
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,8 @@ import sys
 from typing import Dict, Sequence
 
 from .decode import (BATCH_SIZE, MAX_TOKENS, CtcRecognizer, add_decoding_options, decode_split,
-                     default_post_process, metric_name, write_atomic)
+                     default_post_process, metric_name)
+from .outputs import save_figure, write_atomic
 from .plotting import pyplot
 
 SPEED_FACTORS = (0.8, 0.9, 1.0, 1.1, 1.2)
@@ -51,10 +52,7 @@ def plot(error_rates: Dict[str, Dict[str, float]], metric: str, title: str, path
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = pathlib.Path(path).with_name(f".{pathlib.Path(path).name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def evaluate(models: Dict[str, str], data: str, test_set: str, labels: str, out_dir: str,
