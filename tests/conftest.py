@@ -42,6 +42,17 @@ CPU_OVERRIDES = [
 ]
 
 
+@pytest.fixture(scope="session")
+def base_checkpoints(tmp_path_factory):
+    """A tiny fairseq HuBERT (``hubert.pt``) and WavLM (``wavlm.pt``) checkpoint in one folder. Read only."""
+    from tiny_checkpoints import tiny_hubert_checkpoint, tiny_wavlm_checkpoint
+
+    folder = tmp_path_factory.mktemp("base")
+    tiny_hubert_checkpoint(folder / "hubert.pt")
+    tiny_wavlm_checkpoint(folder / "wavlm.pt")
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def seeded_random_state():
     """Every test starts from the same global random state: torch's start seed differs per process,

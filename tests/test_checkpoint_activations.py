@@ -8,17 +8,8 @@ from omegaconf import OmegaConf
 
 import fairseq_siamctc  # noqa: F401
 from fairseq_siamctc.models.siamctc import SiamCTCModel, SiamCTCModelConfig
-from tiny_checkpoints import tiny_hubert_checkpoint, tiny_wavlm_checkpoint
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def base_checkpoints(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base")
-    tiny_hubert_checkpoint(folder / "hubert.pt")
-    tiny_wavlm_checkpoint(folder / "wavlm.pt")
-    return folder
 
 
 def model(path, checkpoint_activations):

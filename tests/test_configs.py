@@ -3,18 +3,9 @@
 import pytest
 
 from conftest import CPU_OVERRIDES, PLUGIN_DIR, run_fairseq
-from tiny_checkpoints import tiny_hubert_checkpoint, tiny_wavlm_checkpoint
 
 EXAMPLES = PLUGIN_DIR.parent / "examples"
 ONE_CPU_UPDATE = [*CPU_OVERRIDES, "optimization.max_update=1", "dataset.valid_subset=valid"]
-
-
-@pytest.fixture(scope="module")
-def base_checkpoints(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("base")
-    tiny_hubert_checkpoint(folder / "hubert.pt")
-    tiny_wavlm_checkpoint(folder / "wavlm.pt")
-    return folder
 
 
 @pytest.mark.parametrize("config, base", [("hubert_base", "hubert.pt"), ("wavlm_base", "wavlm.pt")])
