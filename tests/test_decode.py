@@ -148,3 +148,30 @@ def test_every_option_has_help_text(tool):
     assert {"device", "batch_size", "max_tokens", "post_process", "labels"} <= set(options)
     assert [dest for dest, help_text in options.items() if not help_text] == []
     assert parser.get_default("device") == decode.default_device()
+
+
+def test_earlier_results_are_replaced_only_with_force(stock_hubert_runs, audio_corpus, tmp_path, capsys):
+    from fairseq_siamctc.cli import decode
+
+    out = tmp_path / "out"
+    args = ["--model", f"a={stock_hubert_runs[1]}", "--data", str(audio_corpus), "--test-set", "valid",
+            "--labels", "ltr", "--factors", "1.0", "--out", str(out)]
+    assert robustness.main(args) == 0
+    capsys.readouterr()
+    (out / "a" / "valid.hyp").write_text("an earlier result\n")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert robustness.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"siamctc-robustness: error: {out / 'robustness.md'} and 5 more output(s) exist already; "
+                   "pass --force to replace them"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    assert robustness.main([*args, "--force"]) == 0
+    assert (out / "a" / "valid.hyp").read_text() != "an earlier result\n"
+    capsys.readouterr()
+
+    decode_args = ["--checkpoint", str(stock_hubert_runs[1]), "--data", str(audio_corpus), "--split", "valid",
+                   "--labels", "ltr", "--out", str(out / "a")]
+    assert decode.main(decode_args) == 1
+    assert capsys.readouterr().err.strip() == (f"siamctc-decode: error: {out / 'a' / 'valid.hyp'} and 2 more "
+                                               "output(s) exist already; pass --force to replace them")
+    assert decode.main([*decode_args, "--force"]) == 0

@@ -173,7 +173,7 @@ class Demo:
         for test_set in ("test", "test_real"):
             self.run(f"decode_{test_set}", [BIN / "siamctc-robustness", *models, "--data", self.manifests,
                                             "--test-set", test_set, "--labels", "phn",
-                                            "--out", self.work / f"eval_{test_set}"])
+                                            "--out", self.work / f"eval_{test_set}", "--force"])
         self.run("alignment", [BIN / "siamctc-plot-alignment", "--checkpoint", self.siamctc_checkpoint,
                                "--manifest", self.manifests / "test.tsv", "--index", 0, "--speed", 1.2,
                                "--out", self.out / "alignment.png"])

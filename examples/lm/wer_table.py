@@ -50,7 +50,7 @@ def main(argv=None):
     for checkpoint in models:
         name = checkpoint.parents[1].name.removeprefix("finetune_")
         decode = [BIN / "siamctc-decode", "--checkpoint", checkpoint, "--data", manifests, "--split", *TEST_SETS,
-                  "--labels", "phn"]
+                  "--labels", "phn", "--force"]
         run([*decode, *lexicon, "--out", out / name / "lexicon"])
         run([*decode, *lexicon, "--lm", out / "lm" / "lm.arpa", "--lm-weight", args.lm_weight,
              "--word-score", args.word_score, "--out", out / name / "lm"])

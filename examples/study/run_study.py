@@ -172,7 +172,7 @@ class Study:
                     continue
                 self.demo.run(f"decode_{name}_{test_set}", [
                     BIN / "siamctc-robustness", "--model", f"{name}={self.finetuned(name)}", "--data",
-                    self.demo.manifests, "--test-set", test_set, "--labels", "phn", "--out", out])
+                    self.demo.manifests, "--test-set", test_set, "--labels", "phn", "--out", out, "--force"])
 
     # -- per-utterance errors ----------------------------------------------------------------
     def probe_errors(self, name, test_set, speed):

@@ -52,7 +52,7 @@ from ..data.audio import read_audio
 from ..data.paired_audio_dataset import normalize_waveform, read_manifest
 from ..decoding import greedy_ctc, length_sorted_batches, padding_independent, padding_independent_logits
 from ..lm_decoding import WORD_BOUNDARY, LMDecoderOptions, build_lm_decoder, lm_decode
-from .outputs import write_atomic
+from .outputs import refuse_to_replace, write_atomic
 
 logger = logging.getLogger("siamctc.decode")
 
@@ -284,6 +284,12 @@ def decode_split(recognizer: CtcRecognizer, data: str, split: str, labels: str, 
     return score
 
 
+def decode_outputs(out_dir, splits, beam_search: bool) -> List[pathlib.Path]:
+    """The files ``decode_split`` writes for ``splits`` into ``out_dir``."""
+    suffixes = ["hyp", "ref", "json"] + (["lm.hyp", "lm.ref"] if beam_search else [])
+    return [pathlib.Path(out_dir) / f"{split}.{suffix}" for split in splits for suffix in suffixes]
+
+
 def summary(score: dict) -> str:
     """One line: the error rate(s) and the throughput of a decoded split."""
     line = (f"{score['split']}: {score['metric']} {score['error_rate']:.2f}% "
@@ -322,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="directory of {split}.tsv and label files")
     parser.add_argument("--split", nargs="+", default=["test"], help="one or more splits (default: test)")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--force", action="store_true", help="replace the results of an earlier run in --out")
     add_decoding_options(parser)
     beam = parser.add_argument_group("beam search with a lexicon and a language model")
     beam.add_argument("--lexicon", default=None,
@@ -349,6 +356,7 @@ def main(argv=None):
         parser.error("--batch-size and --max-tokens must be positive")
     symbol = args.post_process or default_post_process(args.labels)
     try:
+        refuse_to_replace(decode_outputs(args.out, args.split, args.lexicon is not None), args.force)
         recognizer = CtcRecognizer.load(args.checkpoint, args.device)
         language_model = None
         if args.lexicon is not None:

@@ -33,3 +33,13 @@ def save_figure(fig, path) -> None:
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
+
+
+def refuse_to_replace(paths, force: bool) -> None:
+    """Raises FileExistsError naming the first of ``paths`` that exists, unless ``force``: a tool
+    replaces earlier results only when asked, and says so before doing any work."""
+    existing = [pathlib.Path(p) for p in paths if pathlib.Path(p).exists()]
+    if existing and not force:
+        more = f" and {len(existing) - 1} more output(s)" if len(existing) > 1 else ""
+        verb = "exist" if more else "exists"
+        raise FileExistsError(f"{existing[0]}{more} {verb} already; pass --force to replace them")

@@ -18,9 +18,9 @@ import pathlib
 import sys
 from typing import Dict, Sequence
 
-from .decode import (BATCH_SIZE, MAX_TOKENS, CtcRecognizer, add_decoding_options, decode_split,
+from .decode import (BATCH_SIZE, MAX_TOKENS, CtcRecognizer, add_decoding_options, decode_outputs, decode_split,
                      default_post_process, metric_name)
-from .outputs import save_figure, write_atomic
+from .outputs import refuse_to_replace, save_figure, write_atomic
 from .plotting import pyplot
 
 SPEED_FACTORS = (0.8, 0.9, 1.0, 1.1, 1.2)
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--factors", type=float, nargs="+", default=list(SPEED_FACTORS),
                         help="speed factors to decode, 1.0 being the test set itself (default: 0.8 0.9 1.0 1.1 1.2)")
     parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--force", action="store_true", help="replace the results of an earlier run in --out")
     add_decoding_options(parser)
     return parser
 
@@ -108,13 +109,17 @@ def main(argv=None):
         parser.error("--batch-size and --max-tokens must be positive")
     symbol = args.post_process or default_post_process(args.labels)
     metric = metric_name(args.labels, symbol)
+    out = pathlib.Path(args.out)
+    outputs = [out / f"robustness.{suffix}" for suffix in ("md", "json", "png")]
+    for name in models:
+        outputs += decode_outputs(out / name, [speed_split(args.test_set, f) for f in args.factors], False)
     try:
+        refuse_to_replace(outputs, args.force)
         rates = evaluate(models, args.data, args.test_set, args.labels, args.out, args.factors, symbol,
                          args.device, args.batch_size, args.max_tokens)
     except (OSError, ValueError) as err:
         print(f"siamctc-robustness: error: {err}", file=sys.stderr)
         return 1
-    out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rates, metric)
     write_atomic(out / "robustness.md", table)
