@@ -1,15 +1,12 @@
-"""matplotlib for the console scripts: file output only, and quiet."""
-
-import logging
+"""matplotlib for the console scripts: file output only (matplotlib's debug log is quieted with the
+other messages in :mod:`.console`, which importing this package installs)."""
 
 
 def pyplot():
-    """Returns matplotlib.pyplot on the Agg backend (no display needed). fairseq sets the root
-    logger to DEBUG on import, which would print matplotlib's font search line by line."""
+    """Returns matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
 
     return plt
