@@ -7,9 +7,12 @@ it), the objective (``siamctc_loss``, all terms), the backward pass, gradient cl
 The views are the paper's worst case: every perturbed view a 0.8x copy (19.5 s).
 
 Each configuration runs in a fresh process, one torch thread, and takes two steps: one utterance,
-then two. Peak memory is the process's maximum resident set (``getrusage``) after each step; the
-second minus the first is what one more utterance costs, from which the paper's batch of 8 is
-extrapolated linearly (activations grow linearly with the batch at a fixed crop). Times are CPU
+then two. Peak memory is measured two ways after each step: the process's maximum resident set
+(``getrusage``, an upper bound: the C allocator keeps freed blocks) and the peak of the bytes of the
+tensors alive at once (weights, gradients, AdamW's moments and everything the step creates, followed
+by a dispatch mode: what a GPU's allocator would hold). The second step minus the first is what one
+more utterance costs, from which the paper's batch of 8 is extrapolated linearly (activations grow
+linearly with the batch at a fixed crop). Times are CPU
 seconds of the two-utterance step, split into its parts; ratios between configurations are taken
 within one invocation, so that a shared machine slows all of them alike.
 
@@ -35,6 +38,53 @@ SAMPLE_RATE = 16000
 
 def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def live_tensor_peak(existing):
+    """A dispatch mode that follows the bytes of every tensor storage alive from its start (``existing``
+    tensors and everything an operator creates) and keeps the peak: what CUDA's caching allocator
+    reports as ``max_memory_allocated`` for the same step, without the allocator's slack. The
+    resident set cannot show it, because the C allocator keeps freed blocks."""
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    class LiveTensorPeak(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.live = self.peak = 0
+            self.seen = WeakIdKeyDictionary()
+            for tensor in existing:
+                self.track(tensor)
+
+        def freed(self, nbytes):
+            self.live -= nbytes
+
+        def track(self, tensor):
+            storage = tensor.untyped_storage()
+            if storage in self.seen:
+                return
+            nbytes = storage.nbytes()
+            self.seen[storage] = nbytes
+            weakref.finalize(storage, self.freed, nbytes)  # storages keep their Python object while alive
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for value in tree_flatten(out)[0]:
+                if isinstance(value, torch.Tensor) and not value.is_meta:
+                    self.track(value)
+            return out
+
+    return LiveTensorPeak()
+
+
+def optimizer_tensors(optimizer):
+    return [value for state in optimizer.state.values() for value in state.values() if hasattr(value, "untyped_storage")]
 
 
 def base_hubert_record():
@@ -92,6 +142,8 @@ def worker(args):
         result["rss_model_gb"] = peak_rss_gb()
         for count in args.utterances:
             parts = {}
+            tracker = live_tensor_peak(list(model.parameters()) + optimizer_tensors(optimizer))
+            tracker.__enter__()
             clock = time.process_time()
 
             def lap(name):
@@ -123,9 +175,11 @@ def worker(args):
             optimizer.zero_grad(set_to_none=True)
             lap("optimizer")
             del out, z, z_pert, terms
+            tracker.__exit__(None, None, None)
+            live = tracker.peak
             result["steps"].append({
                 "utterances": count, "frames": int(batch["source_pert"].shape[1]) // 320,
-                "peak_rss_gb": peak_rss_gb(), "parts": parts, "loss_finite": finite,
+                "peak_rss_gb": peak_rss_gb(), "peak_live_gb": live / 2**30, "parts": parts, "loss_finite": finite,
             })
     print(json.dumps(result))
 
@@ -171,7 +225,8 @@ def main():
 
     reference = None
     header = (f"{'config':10s} {'model GB':>8s} {f'peak {first} utt':>10s} {f'peak {second} utt':>10s} "
-              f"{'per utt':>8s} {f'peak {args.batch} utt':>10s} {f'CPU s ({second} utt)':>14s} {'x fp32':>7s}")
+              f"{'per utt':>8s} {f'peak {args.batch} utt':>10s} {f'live {second} utt':>10s} {f'live {args.batch} utt':>10s} "
+              f"{f'CPU s ({second} utt)':>14s} {'x fp32':>7s}")
     print(header)
     for r in results:
         if "error" in r:
@@ -182,10 +237,13 @@ def main():
             print(f"{r['config']:10s} non-finite loss")
         per_utt = (large["peak_rss_gb"] - small["peak_rss_gb"]) / (second - first)
         extrapolated = large["peak_rss_gb"] + per_utt * (args.batch - second)
+        live_per_utt = (large["peak_live_gb"] - small["peak_live_gb"]) / (second - first)
+        live = large["peak_live_gb"] + live_per_utt * (args.batch - second)
         total = sum(large["parts"].values())
         reference = reference or total
         print(f"{r['config']:10s} {r['rss_model_gb']:8.2f} {small['peak_rss_gb']:10.2f} {large['peak_rss_gb']:10.2f} "
-              f"{per_utt:8.2f} {extrapolated:10.1f} {total:14.1f} {total / reference:7.2f}")
+              f"{per_utt:8.2f} {extrapolated:10.1f} {large['peak_live_gb']:10.2f} {live:10.1f} {total:14.1f} "
+              f"{total / reference:7.2f}")
     print(f"\nshare of the {second}-utterance step (% of CPU time)")
     names = ["loader", "encoder forward", "objective", "encoder backward", "optimizer"]
     print(f"{'config':10s} " + " ".join(f"{n:>16s}" for n in names))
