@@ -131,6 +131,11 @@ def worker(args):
     model = SiamCTCModel(cfg, record, build_encoder(record, _encoder_overrides(cfg))).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-5, weight_decay=0.01)
+    # AdamW's moments exist from the first step of a run on, so that both measured steps hold them
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     crop = int(args.seconds * SAMPLE_RATE)
     result = {"config": args.config, "params_m": sum(p.numel() for p in params) / 1e6, "steps": []}
 
