@@ -15,6 +15,8 @@ import pathlib
 import subprocess
 import sys
 
+from fairseq_siamctc.cli.outputs import write_atomic
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BIN = pathlib.Path(sys.executable).parent
 CMUDICT = "/usr/share/pocketsphinx/model/en-us/cmudict-en-us.dict"
@@ -68,7 +70,7 @@ def main(argv=None):
             rows.append(f"| {name} | {test_set} | {alone['error_rate']:.1f} | {alone['lm']['error_rate']:.1f} | "
                         f"{with_lm['lm']['error_rate']:.1f} |")
     table = "\n".join(rows) + "\n"
-    (out / "wer.md").write_text(table)
+    write_atomic(out / "wer.md", table)
     print(table)
     return 0
 
