@@ -40,6 +40,7 @@ def refuse_to_replace(paths, force: bool) -> None:
     replaces earlier results only when asked, and says so before doing any work."""
     existing = [pathlib.Path(p) for p in paths if pathlib.Path(p).exists()]
     if existing and not force:
-        more = f" and {len(existing) - 1} more output(s)" if len(existing) > 1 else ""
-        verb = "exist" if more else "exists"
-        raise FileExistsError(f"{existing[0]}{more} {verb} already; pass --force to replace them")
+        if len(existing) == 1:
+            raise FileExistsError(f"{existing[0]} exists already; pass --force to replace it")
+        raise FileExistsError(f"{existing[0]} and {len(existing) - 1} more output(s) exist already; "
+                              "pass --force to replace them")
