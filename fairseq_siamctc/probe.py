@@ -435,7 +435,7 @@ def probe_checkpoint(checkpoint, data, cache_root, train_split: str = "train", v
             features = cache.load(manifest)
         else:
             utterances = sum(1 for line in manifest.read_text().splitlines()[1:] if line.strip())
-            with tqdm(total=utterances, desc=f"hidden states {split}", unit="utt", leave=False) as bar:
+            with tqdm(total=utterances, desc=f"hidden states {split}", unit="utt", leave=False, disable=None) as bar:
                 features = cache.load(manifest, progress=bar.update)
         splits[split] = (features, read_labels(data / f"{split}.{labels}", symbols, len(features)))
     cfg = cfg or ProbeConfig()
@@ -448,8 +448,9 @@ def probe_checkpoint(checkpoint, data, cache_root, train_split: str = "train", v
               "num_states": int(splits[train_split][0].frames.shape[1]), "seeds": {}}
     for seed in seeds:
         seed_cfg = ProbeConfig(**{**cfg.__dict__, "seed": int(seed)})
+        # disable=None: bars on a terminal only, not in the log files of the study
         with tqdm(total=seed_cfg.total_steps, desc=f"probe seed {seed}", unit="upd", leave=False,
-                  disable=not show_progress) as bar:
+                  disable=None if show_progress else True) as bar:
             def progress(step, loss):
                 bar.update(1)
                 if step % 50 == 0:
