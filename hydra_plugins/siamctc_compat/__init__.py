@@ -8,12 +8,17 @@ user causes are reported here: fairseq's training entry point is wrapped so that
 moment can be resumed by the same command, fairseq's copies of a saved checkpoint (to
 ``checkpoint_last.pt``, ``checkpoint_best.pt``) are made atomic: fairseq writes the first file through
 a temporary name, but copies it to the others in place, so a kill during the copy left a truncated
-``checkpoint_last.pt`` that the next run could not load.
+``checkpoint_last.pt`` that the next run could not load. And the deprecation notices of Hydra and
+torch that every run prints about fairseq's own code are filtered, one message each.
 """
 
 import os
 import shutil
 import sys
+import warnings
+
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 import fairseq_siamctc  # noqa: F401
 from fairseq_siamctc.errors import report_user_errors
@@ -59,5 +64,35 @@ def _atomic_checkpoint_copies() -> None:
     PathManager.copy = staticmethod(copy_atomically)
 
 
+# Deprecation notices that every fairseq-hydra-train run prints, about fairseq's own use of Hydra and
+# torch (its `# @package _group_` config headers, its schema-matched config names, its autocast
+# calls): nothing a user of the recipe can act on. Each filter names one message. Two more come
+# before Hydra imports this module and cannot be filtered here (torch.jit.script's deprecation when
+# fairseq is imported, Hydra's version_base notice when its entry point is defined).
+TRAINING_NOTICES = (
+    (UserWarning, r"In '[^']*': Usage of deprecated keyword in package header '# @package _group_'"),
+    (UserWarning, r"\s*'[^']*' is validated against ConfigStore schema with the same name"),
+    (UserWarning, r"Future Hydra versions will no longer change working directory at job runtime"),
+    (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found"),
+    (FutureWarning, r"`torch\.cuda\.amp\.autocast\(args\.\.\.\)` is deprecated"),
+    (FutureWarning, r"`torch\.nn\.utils\.weight_norm` is deprecated"),
+)
+
+
+def _quiet_training_notices() -> None:
+    for category, message in TRAINING_NOTICES:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+class QuietTrainingNotices(SearchPathPlugin):
+    """Adds nothing to the search path. Hydra calls it after its plugin scan, which imports this
+    module inside ``warnings.catch_warnings`` and so drops any filter set at import, and before it
+    composes the config, where the first of the notices come from."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        _quiet_training_notices()
+
+
 _report_user_errors_of_fairseq_hydra_train()
 _atomic_checkpoint_copies()
+
