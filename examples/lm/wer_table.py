@@ -4,9 +4,9 @@
 
 after ``make demo`` (or ``make demo DEMO_SIZE=tiny``, or ``make study`` for ``--size study``):
 builds a bigram LM on the corpus's training sentences and a lexicon of its words (``make_lm.py``,
-CMU dictionary), decodes ``test`` and ``test_real`` with every fine-tuned model three ways with ``siamctc-decode`` (greedy; lexicon-
-constrained beam search; lexicon and LM) and prints a markdown table: greedy PER, and the WER of the
-two beam searches. A phoneme model has no greedy WER (nothing marks its word boundaries).
+CMU dictionary), decodes ``test`` and ``test_real`` with every fine-tuned model three ways with
+``siamctc-decode`` (greedy; lexicon-constrained beam search; lexicon and LM) and prints a markdown
+table: greedy PER, and the WER of the two beam searches. A phoneme model has no greedy WER (nothing marks its word boundaries).
 """
 
 import argparse
