@@ -95,4 +95,3 @@ class QuietTrainingNotices(SearchPathPlugin):
 
 _report_user_errors_of_fairseq_hydra_train()
 _atomic_checkpoint_copies()
-
