@@ -94,7 +94,9 @@ def test_study_tables_from_per_utterance_errors(tmp_path):
 
 def test_study_variants_are_the_papers_ablation():
     runner = load_runner()
-    found = runner.variants(ablation=True, temperatures=[0.5])
+    found = runner.variants(ablation=True, temperatures=[0.5], dot_temperatures=[2.0])
     assert found["all"] == [] and found["ctc"] == ["criterion.alpha=0", "criterion.beta=0"]
     assert found["ctc_kld"] == ["criterion.beta=0"] and found["ctc_tince"] == ["criterion.alpha=0"]
     assert found["all_t0.5"] == ["criterion.temperature=0.5"]
+    assert found["all_dot_t2"] == ["criterion.similarity=dot", "criterion.temperature=2.0"]
+    assert list(found)[0] == "all"

@@ -1,7 +1,7 @@
 """Does SiamCTC help? Seed vs SiamCTC vs time-matched continued pretraining, many seeds, intervals.
 
     make study                                  # python examples/study/run_study.py --size study
-    python examples/study/run_study.py --ablation --temperatures 0.5 1 4
+    python examples/study/run_study.py --ablation --temperatures 0.5 0.1 --dot-temperatures 2
 
 Stages (each cached under ``--data-root`` and skipped when its output exists; ``--force`` reruns):
 
@@ -9,7 +9,8 @@ Stages (each cached under ``--data-root`` and skipped when its output exists; ``
 2. siamctc               SiamCTC continued training of the seed from each ``--seeds`` training seed,
                          for each variant (``all`` terms; with ``--ablation`` also CTC only, CTC + KLD,
                          CTC + TINCE: the paper's table 2; ``--temperatures`` adds ``all`` at other
-                         alignment temperatures), each exported to a HuBERT checkpoint;
+                         alignment temperatures, ``--dot-temperatures`` with dot-product
+                         attention scores), each exported to a HuBERT checkpoint;
 3. control               the seed after as many more HuBERT pretraining updates as SiamCTC's run
                          takes in time, from the same training seeds;
 4. probe                 ``siamctc-probe`` (SUPERB's PR protocol, frozen encoder) on every encoder,
@@ -26,6 +27,7 @@ Writes ``study.json``, ``study.md`` and ``study.png`` (PER against speed, 95 % i
 """
 
 import argparse
+import itertools
 import json
 import pathlib
 import sys
@@ -48,13 +50,15 @@ ABLATION = {
 }
 
 
-def variants(ablation: bool, temperatures) -> dict:
+def variants(ablation: bool, temperatures, dot_temperatures=()) -> dict:
     """{variant name: criterion overrides}: ``all`` (the paper's objective) first."""
     found = {"all": []}
     if ablation:
         found.update(ABLATION)
     for t in temperatures or ():
         found[f"all_t{t:g}"] = [f"criterion.temperature={t}"]
+    for t in dot_temperatures or ():
+        found[f"all_dot_t{t:g}"] = ["criterion.similarity=dot", f"criterion.temperature={t}"]
     return found
 
 
@@ -68,7 +72,7 @@ class Study:
                 self.settings[key] = getattr(args, key)
         self.work = args.data_root / ("study" if args.size == "study" else f"study_{args.size}")
         self.work.mkdir(parents=True, exist_ok=True)
-        self.variants = variants(args.ablation, args.temperatures)
+        self.variants = variants(args.ablation, args.temperatures, args.dot_temperatures)
         self.seconds = {}
 
     # -- encoders ----------------------------------------------------------------------------
@@ -302,7 +306,7 @@ def plot_study(results, path):
     speeds = [float(s) for s in SPEEDS]
     for ax, (method, test_set) in zip(axes[0], panels):
         table = results["evaluations"][method][test_set]
-        for group, marker in zip(table["1.0"]["per"], "osD^v<>p*"):
+        for group, marker in zip(table["1.0"]["per"], itertools.cycle("osD^v<>p*")):
             per = np.array([table[s]["per"][group]["per"] for s in SPEEDS])
             low = np.array([table[s]["per"][group]["low"] for s in SPEEDS])
             high = np.array([table[s]["per"][group]["high"] for s in SPEEDS])
@@ -329,6 +333,9 @@ def main(argv=None):
                         help="passes of the probe over the training split (SUPERB: 112; default 30 to fit 2 hours)")
     parser.add_argument("--ablation", action="store_true", help="also CTC only, CTC + KLD, CTC + TINCE (paper table 2)")
     parser.add_argument("--temperatures", type=float, nargs="*", help="also the full objective at these alignment temperatures")
+    parser.add_argument("--dot-temperatures", type=float, nargs="*",
+                        help="also the full objective with dot-product attention scores (the other reading of the "
+                             "paper) at these temperatures")
     parser.add_argument("--siamctc-updates", type=int, help="SiamCTC updates per run (default: the demo's)")
     parser.add_argument("--control-updates", type=int,
                         help="control updates per run (default: the demo's, time-matched to its SiamCTC updates)")
