@@ -137,8 +137,9 @@ def test_projection_is_hubert_final_proj_when_it_maps_to_256(hubert_path, tmp_pa
     assert not model.encoder.final_proj.weight.requires_grad  # unused: left as it was
 
 
-def test_forward_batches_both_views_like_separate_utterances(hubert_path):
-    model = siamctc_model(hubert_path, feature_layer=1).eval()
+@pytest.mark.parametrize("views_in_one_pass", [False, True])
+def test_forward_batches_both_views_like_separate_utterances(hubert_path, views_in_one_pass):
+    model = siamctc_model(hubert_path, feature_layer=1, views_in_one_pass=views_in_one_pass).eval()
     source, mask = pad(waves(9_000, 12_000, seed=2))
     source_pert, mask_pert = pad(waves(15_000, 6_000, seed=3))
     with torch.no_grad():
@@ -159,6 +160,34 @@ def test_forward_batches_both_views_like_separate_utterances(hubert_path):
     unpadded = model(source[:, :9_000], None, source_pert, None)
     assert unpadded["z_padding_mask"] is None and unpadded["z_pert_padding_mask"] is None
     assert unpadded["z"].shape == (2, 27, 256)
+
+
+@pytest.mark.parametrize("kind", ["hubert", "wavlm"])
+def test_views_pass_apart_and_drop_the_same_layers(tmp_path, kind):
+    """One pass per view, each padded to its own length, with the same layers dropped in both."""
+    write = tiny_hubert_checkpoint if kind == "hubert" else tiny_wavlm_checkpoint
+    write(tmp_path / "base.pt", encoder_layers=4)
+    model = siamctc_model(tmp_path / "base.pt", encoder_layerdrop=0.5).train()
+    assert model.encoder.encoder.layerdrop == 0.5
+    calls = []  # (layer index, rows x frames of its input)
+    for index, layer in enumerate(model.encoder.encoder.layers):
+        layer.register_forward_pre_hook(lambda _, args, index=index: calls.append((index, args[0].numel() // args[0].size(-1))))
+    source, mask = pad(waves(9_000, 12_000, seed=5))
+    source_pert, mask_pert = pad(waves(15_000, 7_000, seed=6))
+    kept_sets = set()
+    with torch.no_grad():
+        for _ in range(12):
+            calls.clear()
+            out = model(source, mask, source_pert, mask_pert)
+            frames, frames_pert = out["z"].size(1), out["z_pert"].size(1)
+            assert (frames, frames_pert) == (37, 46)
+            first, second = calls[: len(calls) // 2], calls[len(calls) // 2:]
+            assert [i for i, _ in first] == [i for i, _ in second]
+            # the shorter view's pass is not padded to the longer view (fairseq pads to an even frame count)
+            assert all(size <= 2 * (frames + 1) for _, size in first)
+            assert all(size >= 2 * frames_pert for _, size in second)
+            kept_sets.add(tuple(i for i, _ in first))
+    assert len(kept_sets) > 1  # layer drop was on: the test could see different layers dropped
 
 
 def test_gradients_reach_only_the_trained_parts(hubert_path):

@@ -11,6 +11,7 @@ can be rebuilt and exported without the original file.
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -66,6 +67,11 @@ class SiamCTCModelConfig(FairseqDataclass):
     )
     checkpoint_activations: bool = field(
         default=False, metadata={"help": "recompute each transformer layer in the backward pass: less memory, more time"}
+    )
+    views_in_one_pass: bool = field(
+        default=False,
+        metadata={"help": "encode both views in one batch padded to the longer view (as in span-masked training, "
+                          "which always does); off: one pass per view, each padded to its own length"},
     )
 
 
@@ -194,15 +200,27 @@ class SiamCTCModel(BaseFairseqModel):
         return self.project(x), frame_mask
 
     def forward(self, source, padding_mask=None, source_pert=None, padding_mask_pert=None, **unused):
-        """Both views through the shared encoder in one batched pass.
+        """Both views through the shared encoder, which drops the same layers for both when layer drop is on.
 
         source (B, S), source_pert (B, S~) waveforms, padding masks (B, S) / (B, S~) True at padding or None.
         Returns z (B, T, P), z_pert (B, T~, P), z_padding_mask (B, T) / z_pert_padding_mask (B, T~) True at
-        padded frames, or None where the view had no padding mask. One pass (rather than one per view)
-        means that layer drop, when on, drops the same layers for both views.
+        padded frames, or None where the view had no padding mask.
         """
         if source_pert is None:
             raise ValueError("siamctc model: forward needs both views (source and source_pert)")
+        if self.cfg.views_in_one_pass or (self.cfg.apply_mask and self.training):
+            return self._forward_one_pass(source, padding_mask, source_pert, padding_mask_pert)
+        # A view 0.8x as fast is 1.25x as long: padded together, the other view would pay for the
+        # difference in every layer. Layer drop draws from numpy's global generator (fairseq's
+        # encoder and ours); replaying its state makes the second pass drop the layers the first did.
+        # Span masking draws from it as well, per utterance, which is why it takes the one pass.
+        layer_drop_draws = np.random.get_state()
+        z, z_mask = self.features(source, padding_mask)
+        np.random.set_state(layer_drop_draws)
+        z_pert, z_pert_mask = self.features(source_pert, padding_mask_pert)
+        return {"z": z, "z_pert": z_pert, "z_padding_mask": z_mask, "z_pert_padding_mask": z_pert_mask}
+
+    def _forward_one_pass(self, source, padding_mask, source_pert, padding_mask_pert):
         batch = source.size(0)
         sources, masks = pad_views(source, padding_mask, source_pert, padding_mask_pert)
         z_all, frame_mask = self.features(sources, masks)

@@ -36,6 +36,7 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
@@ -395,7 +396,8 @@ class WavLMTransformerEncoder(nn.Module):
         # and passes the gradient of the shared position bias through to layer 1's table
         checkpointed = self.checkpoint_activations and torch.is_grad_enabled()
         for layer in self.layers[: len(self.layers) if output_layer is None else output_layer]:
-            if not (self.training and self.layerdrop > 0 and torch.rand(()).item() < self.layerdrop):
+            # numpy's generator, as fairseq's encoder: the siamctc model replays it for the second view
+            if not (self.training and self.layerdrop > 0 and np.random.random() < self.layerdrop):
                 if checkpointed:
                     x = torch.utils.checkpoint.checkpoint(layer, x, padding_mask, position_bias, use_reentrant=False)
                 else:
