@@ -101,3 +101,24 @@ def test_kmeans_format_errors(corpus, tmp_path, capsys):
     assert run(*common, "--nshard", 2, "--rank", 2, corpus / "train.tsv") == 1
     assert "--rank must be between 0 and --nshard - 1 = 1" in capsys.readouterr().err
     assert not (tmp_path / "k").exists()
+
+
+def test_second_iteration_units_from_encoder_features(corpus, tmp_path):
+    """HuBERT's second iteration: units of an encoder layer (50 a second), each the nearest of k centroids."""
+    from fairseq_siamctc.data.kmeans_units import dump_kmeans_units
+
+    written = dump_kmeans_units(corpus, tmp_path / "units", 4, splits=("train",), n_init=1,
+                                checkpoint=corpus / "hubert.pt", layer=1)
+    lines = written["train"].read_text().splitlines()
+    features = [extract_features.FeatureExtractor(corpus / "hubert.pt", layer=1)(sf.read(corpus / f"u{i}.wav", dtype="float32")[0])
+                for i in range(5)]
+    assert [len(line.split()) for line in lines] == [len(f) for f in features]  # one unit a frame, not MFCC's 100 a second
+    units = np.concatenate([np.array(line.split(), dtype=int) for line in lines])
+    assert set(units) == set(range(4))
+    # a k-means labelling: nearly every frame is nearest to the mean of its unit (mini-batch k-means
+    # stops short of exact convergence, so a few frames near a boundary may not be)
+    frames = np.concatenate(features).astype(np.float64)
+    centroids = np.stack([frames[units == k].mean(0) for k in range(4)])
+    distances = ((frames[:, None] - centroids[None]) ** 2).sum(-1)
+    assert (distances[np.arange(len(units)), units] <= distances.min(1) + 1e-6 * distances.max()).mean() >= 0.95
+    assert (tmp_path / "units" / "dict.km.txt").read_text() == "0 1\n1 1\n2 1\n3 1\n"

@@ -1,7 +1,8 @@
 """k-means units of a corpus with fairseq's stock HuBERT recipe: ``{split}.km`` and ``dict.km.txt``.
 
-The targets of HuBERT's first pretraining iteration (the demo's seed encoder) and the unit
-sequences of the ``unit_sequence`` task.
+The targets of HuBERT's first pretraining iteration (MFCC units) and of its second (units of an
+encoder's layer, ``--checkpoint``): the demo's seed encoder, and the unit sequences of the
+``unit_sequence`` task.
 
 Runs the functions of fairseq's ``examples/hubert/simple_kmeans`` scripts in this process, with the
 plugin's fairseq fixes applied (MFCC + deltas at 100 frames a second, ``dump_mfcc_feature.py``;
@@ -10,8 +11,9 @@ wav2vec-style manifests, and renames their ``{split}_0_1.km`` outputs::
 
     python -m fairseq_siamctc.data.kmeans_units MANIFEST_DIR OUT_DIR --clusters 50 --splits train valid
 
-For HuBERT features instead of MFCC run ``dump_hubert_feature.py`` of the same folder by hand; the
-k-means and labelling steps are the same.
+With ``--checkpoint CKPT --layer L`` the features are layer L of that encoder (any checkpoint
+``siamctc-extract-features`` reads, written in ``dump_hubert_feature.py``'s layout by it) instead of
+MFCC; the k-means and labelling steps are the same.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 import fairseq
+import torch
 
 
 def simple_kmeans_dir() -> Path:
@@ -53,11 +56,15 @@ def dump_kmeans_units(
     fit_split: str = "train",
     seed: int = 0,
     n_init: int = 3,
+    checkpoint: str | Path | None = None,
+    layer: int | None = None,
 ) -> dict[str, Path]:
-    """Fits k-means on the MFCC features of ``fit_split`` and writes ``out_dir/{split}.km`` for every split,
+    """Fits k-means on the features of ``fit_split`` and writes ``out_dir/{split}.km`` for every split,
     and ``out_dir/dict.km.txt`` (the units 0..k-1, as fairseq's ``hubert_pretraining`` reads them).
 
-    ``manifest_dir/{split}.tsv`` are wav2vec manifests. Returns the written paths by split.
+    ``manifest_dir/{split}.tsv`` are wav2vec manifests. The features are MFCC + deltas, or with
+    ``checkpoint`` the output of its transformer layer ``layer`` (from 1; None: the last).
+    Returns the written paths by split.
     """
     manifest_dir, out_dir = Path(manifest_dir), Path(out_dir)
     for split in {fit_split, *splits}:
@@ -68,8 +75,17 @@ def dump_kmeans_units(
     written = {}
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
         features = f"{work}/features"
+        if checkpoint is not None:
+            from fairseq_siamctc.cli.extract_features import FeatureExtractor, audio_files, write_kmeans_shard
+
+            extractor = FeatureExtractor(checkpoint, layer, device="cuda" if torch.cuda.is_available() else "cpu")
+            Path(features).mkdir()
         for split in dict.fromkeys([fit_split, *splits]):
-            mfcc.main(str(manifest_dir), split, 1, 0, features, 16000)
+            if checkpoint is None:
+                mfcc.main(str(manifest_dir), split, 1, 0, features, 16000)
+            else:  # dump_hubert_feature.py's layout, which learn_kmeans and dump_km_label read
+                write_kmeans_shard(extractor, audio_files([str(manifest_dir / f"{split}.tsv")]),
+                                   Path(features) / f"{split}_0_1.npy", Path(features) / f"{split}_0_1.len")
         model = f"{work}/kmeans.bin"
         # learn_kmeans.py's command-line defaults, with n_init lowered from 20: the fit is the slow part
         kmeans.learn_kmeans(
@@ -92,8 +108,13 @@ def main(argv=None) -> None:
     parser.add_argument("--fit-split", default="train", help="split whose features the k-means is fitted on")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-init", type=int, default=3, help="k-means restarts (learn_kmeans.py's default: 20)")
+    parser.add_argument("--checkpoint", help="units of this encoder's features instead of MFCC (HuBERT's second iteration)")
+    parser.add_argument("--layer", type=int, help="with --checkpoint: transformer layer from 1 (default: the last)")
     args = parser.parse_args(argv)
-    written = dump_kmeans_units(args.manifest_dir, args.out_dir, args.clusters, args.splits, args.fit_split, args.seed, args.n_init)
+    if args.layer is not None and args.checkpoint is None:
+        parser.error("--layer needs --checkpoint")
+    written = dump_kmeans_units(args.manifest_dir, args.out_dir, args.clusters, args.splits, args.fit_split, args.seed,
+                                args.n_init, args.checkpoint, args.layer)
     for split, path in written.items():
         print(f"{split}: {path}")
 
