@@ -1,10 +1,12 @@
 """The paper's training step on a base-size HuBERT: peak memory and time, with and without
-activation checkpointing, in float32 and under bfloat16 autocast.
+activation checkpointing, in float32 and under bfloat16 autocast, with the views encoded one pass
+each (the model's default) or in one padded pass (``+1pass``, ``model.views_in_one_pass``).
 
 One step is the whole SiamCTC update: the loader (read, crop to 15.6 s, the 0.8x view, collate),
-both views through the encoder in one padded pass (``SiamCTCModel``, CNN frozen as the paper trains
-it), the objective (``siamctc_loss``, all terms), the backward pass, gradient clipping and AdamW.
-The views are the paper's worst case: every perturbed view a 0.8x copy (19.5 s).
+both views through the encoder (``SiamCTCModel``, CNN frozen as the paper trains it), the
+objective (``siamctc_loss``, all terms), the backward pass, gradient clipping and AdamW.
+The views are the paper's worst case: every perturbed view a 0.8x copy (19.5 s), which one padded
+pass makes the originals pay for as well.
 
 Each configuration runs in a fresh process, one torch thread, and takes two steps: one utterance,
 then two. Peak memory is measured two ways after each step: the process's maximum resident set
@@ -17,6 +19,7 @@ seconds of the two-utterance step, split into its parts; ratios between configur
 within one invocation, so that a shared machine slows all of them alike.
 
     python bench/step.py                       # fp32, fp32+ckpt, bf16+ckpt, bf16
+    python bench/step.py --configs fp32+1pass fp32 fp32+ckpt+1pass fp32+ckpt
     python bench/step.py --configs fp32 fp32+ckpt --seconds 15.6
 """
 
@@ -32,7 +35,7 @@ import time
 
 import numpy as np
 
-CONFIGS = ("fp32", "fp32+ckpt", "bf16+ckpt", "bf16")
+CONFIGS = ("fp32", "fp32+ckpt", "bf16+ckpt", "bf16", "fp32+1pass", "fp32+ckpt+1pass")
 SAMPLE_RATE = 16000
 
 
@@ -125,8 +128,9 @@ def worker(args):
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
-    bf16, ckpt = args.config.startswith("bf16"), args.config.endswith("+ckpt")
-    cfg = SiamCTCModelConfig(encoder_path="unused", checkpoint_activations=ckpt)
+    options = args.config.split("+")
+    bf16, ckpt, one_pass = options[0] == "bf16", "ckpt" in options, "1pass" in options
+    cfg = SiamCTCModelConfig(encoder_path="unused", checkpoint_activations=ckpt, views_in_one_pass=one_pass)
     record = base_hubert_record()
     model = SiamCTCModel(cfg, record, build_encoder(record, _encoder_overrides(cfg))).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -204,7 +208,7 @@ def run_config(config, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS[:4]),
                         help="configurations, each in its own process (ratios are to the first)")
     parser.add_argument("--seconds", type=float, default=15.625, help="crop length (the paper's configs: 250,000 samples)")
     parser.add_argument("--utterances", type=int, nargs=2, default=[1, 2],
@@ -229,34 +233,34 @@ def main():
         print(f"  {config}: {time.time() - started:.0f} s wall: {json.dumps(results[-1])}", file=sys.stderr, flush=True)
 
     reference = None
-    header = (f"{'config':10s} {'model GB':>8s} {f'peak {first} utt':>10s} {f'peak {second} utt':>10s} "
+    header = (f"{'config':15s} {'model GB':>8s} {f'peak {first} utt':>10s} {f'peak {second} utt':>10s} "
               f"{'per utt':>8s} {f'peak {args.batch} utt':>10s} {f'live {second} utt':>10s} {f'live {args.batch} utt':>10s} "
-              f"{f'CPU s ({second} utt)':>14s} {'x fp32':>7s}")
+              f"{f'CPU s ({second} utt)':>14s} {'x first':>7s}")
     print(header)
     for r in results:
         if "error" in r:
-            print(f"{r['config']:10s} failed: {r['error']}")
+            print(f"{r['config']:15s} failed: {r['error']}")
             continue
         small, large = r["steps"]
         if not (small["loss_finite"] and large["loss_finite"]):
-            print(f"{r['config']:10s} non-finite loss")
+            print(f"{r['config']:15s} non-finite loss")
         per_utt = (large["peak_rss_gb"] - small["peak_rss_gb"]) / (second - first)
         extrapolated = large["peak_rss_gb"] + per_utt * (args.batch - second)
         live_per_utt = (large["peak_live_gb"] - small["peak_live_gb"]) / (second - first)
         live = large["peak_live_gb"] + live_per_utt * (args.batch - second)
         total = sum(large["parts"].values())
         reference = reference or total
-        print(f"{r['config']:10s} {r['rss_model_gb']:8.2f} {small['peak_rss_gb']:10.2f} {large['peak_rss_gb']:10.2f} "
+        print(f"{r['config']:15s} {r['rss_model_gb']:8.2f} {small['peak_rss_gb']:10.2f} {large['peak_rss_gb']:10.2f} "
               f"{per_utt:8.2f} {extrapolated:10.1f} {large['peak_live_gb']:10.2f} {live:10.1f} {total:14.1f} "
               f"{total / reference:7.2f}")
     print(f"\nshare of the {second}-utterance step (% of CPU time)")
     names = ["loader", "encoder forward", "objective", "encoder backward", "optimizer"]
-    print(f"{'config':10s} " + " ".join(f"{n:>16s}" for n in names))
+    print(f"{'config':15s} " + " ".join(f"{n:>16s}" for n in names))
     for r in results:
         if "error" not in r:
             parts = r["steps"][1]["parts"]
             total = sum(parts.values())
-            print(f"{r['config']:10s} " + " ".join(f"{100 * parts[n] / total:16.2f}" for n in names))
+            print(f"{r['config']:15s} " + " ".join(f"{100 * parts[n] / total:16.2f}" for n in names))
 
 
 if __name__ == "__main__":
