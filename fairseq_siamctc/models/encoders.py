@@ -9,9 +9,9 @@ the whole time axis, so in fairseq an utterance's features change with the zero 
 to it. ``hubert_features`` runs HuBERT with those statistics taken over each utterance's own frames
 and its frame mask derived from the convolution lengths, which makes the valid frames of a padded
 utterance equal (to float rounding) to the features of the utterance run alone, that is to fairseq's
-``HubertModel.extract_features`` on the unpadded audio. The plugin's WavLM does the same. Both views
-of a SiamCTC pair can therefore share one padded batch without the padding of the shorter view
-leaking into its features.
+``HubertModel.extract_features`` on the unpadded audio. The plugin's WavLM does the same. A batch
+of utterances of different lengths (and both views of a SiamCTC pair, when they share one pass)
+therefore gets every utterance's own features, whatever padding the batch adds.
 """
 
 import functools

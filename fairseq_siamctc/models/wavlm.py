@@ -180,7 +180,7 @@ def masked_channel_norm(
 
 
 # a frozen CNN runs over at most this many samples at once: the temporaries of its first layers
-# grow with the samples of one pass, which holds both views of the whole batch
+# grow with the samples of one pass, which holds a whole view of the batch (or both views)
 FROZEN_CNN_CHUNK_SAMPLES = 500_000
 
 
