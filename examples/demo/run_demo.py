@@ -143,13 +143,16 @@ class Demo:
         self.run("export", [BIN / "siamctc-export", "--force", self.siamctc_checkpoint, self.siamctc_export])
 
     def continued(self):
-        updates = self.settings["control_updates"]
-        self.hydra_train("control", "examples/demo", "seed_hubert", self.work / "control", [
-            f"task.data={self.manifests}", f"task.label_dir={self.work / 'units'}",
-            f"checkpoint.finetune_from_model={self.seed_checkpoint}", f"optimization.max_update={updates}",
-            "optimization.lr=[0.0001]", f"lr_scheduler.warmup_updates={max(1, updates // 5)}",
-            f"dataset.max_tokens={self.settings['max_tokens']}",
-        ])
+        self.hydra_train("control", "examples/demo", "seed_hubert", self.work / "control",
+                         self.control_overrides(self.settings["control_updates"]))
+
+    def control_overrides(self, updates):
+        """The time-matched control: the seed after ``updates`` more pretraining updates on its own
+        targets, with SiamCTC's learning rate and schedule."""
+        return [f"task.data={self.manifests}", f"task.label_dir={self.work / 'units'}",
+                f"checkpoint.finetune_from_model={self.seed_checkpoint}", f"optimization.max_update={updates}",
+                "optimization.lr=[0.0001]", f"lr_scheduler.warmup_updates={max(1, updates // 5)}",
+                f"dataset.max_tokens={self.settings['max_tokens']}"]
 
     def finetune(self):
         # all at once, one thread each: same settings and seed, only the encoder differs

@@ -123,13 +123,8 @@ class Study:
             if (self.work / name / "checkpoints" / "checkpoint_last.pt").exists() and not self.args.force:
                 continue
             jobs.append((name, lambda name=name, seed=seed: self.demo.hydra_train(
-                name, "examples/demo", "seed_hubert", self.work / name, [
-                    f"task.data={self.demo.manifests}", f"task.label_dir={self.demo.work / 'units'}",
-                    f"checkpoint.finetune_from_model={self.demo.seed_checkpoint}",
-                    f"optimization.max_update={updates}", "optimization.lr=[0.0001]",
-                    f"lr_scheduler.warmup_updates={max(1, updates // 5)}",
-                    f"dataset.max_tokens={self.settings['max_tokens']}", f"common.seed={seed}",
-                ], threads=1, background=True)))
+                name, "examples/demo", "seed_hubert", self.work / name,
+                [*self.demo.control_overrides(updates), f"common.seed={seed}"], threads=1, background=True)))
         self.in_pairs(jobs)
 
     # -- evaluations ---------------------------------------------------------------------------
