@@ -67,7 +67,7 @@ class Study:
         self.args = args
         self.demo = Demo(args.size, args.out, args.data_root, args.force, control=False)
         self.settings = self.demo.settings = dict(self.demo.settings)
-        for key in ("siamctc_updates", "control_updates"):
+        for key in ("seed_updates", "siamctc_updates", "control_updates"):
             if getattr(args, key) is not None:
                 self.settings[key] = getattr(args, key)
         self.work = args.data_root / ("study" if args.size == "study" else f"study_{args.size}")
@@ -331,6 +331,9 @@ def main(argv=None):
     parser.add_argument("--dot-temperatures", type=float, nargs="*",
                         help="also the full objective with dot-product attention scores (the other reading of the "
                              "paper) at these temperatures")
+    parser.add_argument("--seed-updates", type=int,
+                        help="HuBERT pretraining updates of the seed encoder (default: the demo's; a new value needs "
+                             "a new --data-root)")
     parser.add_argument("--siamctc-updates", type=int, help="SiamCTC updates per run (default: the demo's)")
     parser.add_argument("--control-updates", type=int,
                         help="control updates per run (default: the demo's, time-matched to its SiamCTC updates)")
