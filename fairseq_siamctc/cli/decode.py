@@ -52,6 +52,7 @@ from ..data.audio import read_audio
 from ..data.paired_audio_dataset import normalize_waveform, read_manifest
 from ..decoding import greedy_ctc, length_sorted_batches, padding_independent, padding_independent_logits
 from ..lm_decoding import WORD_BOUNDARY, LMDecoderOptions, build_lm_decoder, lm_decode
+from . import default_device
 from .outputs import refuse_to_replace, write_atomic
 
 logger = logging.getLogger("siamctc.decode")
@@ -63,11 +64,6 @@ MAX_TOKENS = 1_600_000  # samples in a padded batch: 100 s of audio
 WORD_POST_PROCESS = ("letter", "sentencepiece", "wordpiece", "_EOW", "subword_nmt", "@@ ", "@@")
 # label file extensions with their own post-processing
 DEFAULT_POST_PROCESS = {"ltr": "letter", "spm": "sentencepiece"}
-
-
-def default_device() -> str:
-    """The device every evaluation tool uses unless told: CUDA when present."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def check_device(device: str) -> torch.device:

@@ -38,6 +38,7 @@ import soundfile as sf
 import torch
 from tqdm import tqdm
 
+from fairseq_siamctc.cli import default_device
 from fairseq_siamctc.data.audio import read_audio
 from fairseq_siamctc.data.paired_audio_dataset import normalize_waveform, read_manifest
 from fairseq_siamctc.models.checkpoints import SIAMCTC, CheckpointError, read_checkpoint
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
     parser.add_argument("--force", action="store_true", help="replace existing output files")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip unreadable or too short audio files (counted and listed) instead of stopping")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
+    parser.add_argument("--device", default=default_device(), help="torch device (default: cuda if available)")
     parser.add_argument("inputs", nargs="+", metavar="AUDIO_OR_MANIFEST", help="audio files and/or wav2vec .tsv manifests")
     args = parser.parse_args(argv)
     out = Path(args.out)

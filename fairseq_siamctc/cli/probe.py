@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fairseq_siamctc.models.checkpoints import CheckpointError
 from fairseq_siamctc.probe import SUPERB_EPOCHS, ProbeConfig, probe_checkpoint
 
+from . import default_device
 from .outputs import write_atomic
 
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=defaults.lr, help=f"Adam learning rate (default: SUPERB's {defaults.lr})")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help=f"utterances a batch (default: {defaults.batch_size})")
     parser.add_argument("--accumulate", type=int, default=defaults.accumulate, help=f"batches an update (default: {defaults.accumulate})")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
+    parser.add_argument("--device", default=default_device(), help="torch device (default: cuda if available)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing OUT/probe.json")
     args = parser.parse_args(argv)
     out = Path(args.out)

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Sequence
 
 import fairseq
-import torch
 
 
 def simple_kmeans_dir() -> Path:
@@ -76,9 +75,10 @@ def dump_kmeans_units(
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
         features = f"{work}/features"
         if checkpoint is not None:
+            from fairseq_siamctc.cli import default_device
             from fairseq_siamctc.cli.extract_features import FeatureExtractor, audio_files, write_kmeans_shard
 
-            extractor = FeatureExtractor(checkpoint, layer, device="cuda" if torch.cuda.is_available() else "cpu")
+            extractor = FeatureExtractor(checkpoint, layer, device=default_device())
             Path(features).mkdir()
         for split in dict.fromkeys([fit_split, *splits]):
             if checkpoint is None:
