@@ -16,6 +16,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+# the deprecation notice fairseq's convolutional position embedding prints (built with weight_norm):
+# filtered by the console scripts and by fairseq-hydra-train runs alike
+WEIGHT_NORM_NOTICE = (FutureWarning, r"`torch\.nn\.utils\.weight_norm` is deprecated")
+
+
 def apply() -> None:
     """Applies every fix; each is idempotent, so calling again changes nothing."""
     _allow_fairseq_checkpoint_classes()

@@ -6,6 +6,8 @@ Each filter names one message, so warnings and log lines of anything else still 
 import logging
 import warnings
 
+from ..compat import WEIGHT_NORM_NOTICE
+
 # fairseq logs whole configurations (1,000 to 1,500 characters each) and its working directory
 # whenever it builds a HuBERT model or its pre-training task, e.g. to load a fine-tuned checkpoint.
 _FAIRSEQ_DUMPS = {
@@ -25,9 +27,8 @@ class _DropDumps(logging.Filter):
 
 def quiet() -> None:
     """Installs the filters; calling it again adds nothing."""
-    # fairseq's convolutional position embedding is built with the deprecated weight_norm
-    warnings.filterwarnings("ignore", message=r"`torch\.nn\.utils\.weight_norm` is deprecated",
-                            category=FutureWarning)
+    category, message = WEIGHT_NORM_NOTICE
+    warnings.filterwarnings("ignore", message=message, category=category)
     for name, prefixes in _FAIRSEQ_DUMPS.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropDumps) for f in logger.filters):

@@ -21,6 +21,7 @@ from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 import fairseq_siamctc  # noqa: F401
+from fairseq_siamctc.compat import WEIGHT_NORM_NOTICE
 from fairseq_siamctc.errors import report_user_errors
 
 
@@ -75,7 +76,7 @@ TRAINING_NOTICES = (
     (UserWarning, r"Future Hydra versions will no longer change working directory at job runtime"),
     (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found"),
     (FutureWarning, r"`torch\.cuda\.amp\.autocast\(args\.\.\.\)` is deprecated"),
-    (FutureWarning, r"`torch\.nn\.utils\.weight_norm` is deprecated"),
+    WEIGHT_NORM_NOTICE,
 )
 
 
