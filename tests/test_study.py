@@ -100,3 +100,46 @@ def test_study_variants_are_the_papers_ablation():
     assert found["all_t0.5"] == ["criterion.temperature=0.5"]
     assert found["all_dot_t2"] == ["criterion.similarity=dot", "criterion.temperature=2.0"]
     assert list(found)[0] == "all"
+
+
+def load_demo():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "demo" / "run_demo.py"
+    spec = importlib.util.spec_from_file_location("run_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_data_root_refuses_models_of_another_recipe(tmp_path):
+    """Stages are cached by file name: a data root records its recipe on first use and then refuses a
+    different one, naming what differs, unless forced (which retrains and records the new one)."""
+    import json
+
+    import yaml
+
+    demo = load_demo()
+    path = tmp_path / "study" / "recipe.json"
+    recipe = demo.recipe_record(dict(demo.SIZES["study"]), {"siamctc_override": []})
+    # the configs are recorded parsed, as the files give them
+    tiny = demo.REPO / "examples" / "siamctc" / "tiny.yaml"
+    assert recipe["configs"]["tiny.yaml"] == yaml.safe_load(tiny.read_text())
+
+    demo.check_recipe(path, recipe, force=False)
+    assert json.loads(path.read_text()) == recipe
+    demo.check_recipe(path, json.loads(json.dumps(recipe)), force=False)  # the same recipe: accepted
+
+    longer_seed = json.loads(json.dumps(recipe))
+    longer_seed["settings"]["seed_updates"] += 400
+    longer_seed["configs"]["tiny.yaml"]["criterion"]["temperature"] = 7.0
+    with pytest.raises(SystemExit) as refused:
+        demo.check_recipe(path, longer_seed, force=False)
+    message = str(refused.value)
+    assert str(path) in message and "settings.seed_updates" in message
+    assert "tiny.yaml.criterion.temperature" in message and "\n" not in message
+    assert json.loads(path.read_text()) == recipe  # the record is untouched
+
+    demo.check_recipe(path, longer_seed, force=True)
+    assert json.loads(path.read_text()) == longer_seed

@@ -50,6 +50,45 @@ SIZES = {
 }
 # the study's testbed: the small corpus with 300 held-out test utterances, the same recipe
 SIZES["study"] = dict(SIZES["small"], corpus="builtin_study", work="demo_study")
+# the training configs of the stages, part of the recipe that cached models were trained with
+RECIPE_CONFIGS = ("examples/demo/seed_hubert.yaml", "examples/siamctc/tiny.yaml", "examples/finetune/tiny_phn.yaml")
+
+
+def recipe_record(settings: dict, extra: dict = None, root: pathlib.Path = REPO) -> dict:
+    """The recipe of a work folder's models: the size's settings, ``extra`` options and the parsed
+    training configs (parsed, so that an edited comment is no change)."""
+    import yaml
+
+    configs = {pathlib.Path(name).name: yaml.safe_load((root / name).read_text()) for name in RECIPE_CONFIGS}
+    return json.loads(json.dumps({"settings": settings, **(extra or {}), "configs": configs}))
+
+
+def flatten(tree, prefix=""):
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def check_recipe(path: pathlib.Path, recipe: dict, force: bool) -> None:
+    """Stages are cached by file name only, so models trained with another recipe would be reused as
+    if they were this one's: refuse in one line naming what differs. Records the recipe when there is
+    none yet, and after ``force`` (which retrains every stage)."""
+    if path.exists() and not force:
+        recorded, current = flatten(json.loads(path.read_text())), flatten(recipe)
+        differs = sorted(key for key in recorded.keys() | current.keys() if recorded.get(key) != current.get(key))
+        if differs:
+            shown = ", ".join(f"{key}: {recorded.get(key)} -> {current.get(key)}" for key in differs[:4])
+            more = f" and {len(differs) - 4} more" if len(differs) > 4 else ""
+            raise SystemExit(f"{path}: the models there were trained with another recipe ({shown}{more}); "
+                             "use another --data-root, or --force to train them again")
+        return
+    from fairseq_siamctc.cli.outputs import write_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(recipe, indent=1, sort_keys=True) + "\n")
 
 
 class Demo:
@@ -256,6 +295,7 @@ def main(argv=None):
     out = (args.out or REPO / ("results/demo" if args.size == "small" else f"results/demo_{args.size}")).resolve()
     started = time.time()
     demo = Demo(args.size, out, args.data_root.resolve(), args.force, args.control)
+    check_recipe(demo.work / "recipe.json", recipe_record(demo.settings), args.force)
     demo.stage("corpus", demo.corpus / "corpus.json", demo.build_corpus)
     demo.stage("units", demo.work / "units" / "dict.km.txt", demo.units)
     demo.stage("seed", demo.seed_checkpoint, demo.seed)

@@ -37,7 +37,7 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "examples" / "demo"))
-from run_demo import BIN, SPEEDS, Demo  # noqa: E402  (the demo's stages and command runner)
+from run_demo import BIN, SPEEDS, Demo, check_recipe, recipe_record  # noqa: E402  (the demo's stages)
 
 from fairseq_siamctc.cli.outputs import save_figure, write_atomic  # noqa: E402
 
@@ -332,8 +332,8 @@ def main(argv=None):
                         help="also the full objective with dot-product attention scores (the other reading of the "
                              "paper) at these temperatures")
     parser.add_argument("--seed-updates", type=int,
-                        help="HuBERT pretraining updates of the seed encoder (default: the demo's; a new value needs "
-                             "a new --data-root)")
+                        help="HuBERT pretraining updates of the seed encoder (default: the demo's; a data root "
+                             "keeps the recipe it was trained with, so a new value needs a new --data-root)")
     parser.add_argument("--siamctc-updates", type=int, help="SiamCTC updates per run (default: the demo's)")
     parser.add_argument("--control-updates", type=int,
                         help="control updates per run (default: the demo's, time-matched to its SiamCTC updates)")
@@ -343,14 +343,16 @@ def main(argv=None):
     parser.add_argument("--no-control", action="store_true", help="skip the continued-pretraining control")
     parser.add_argument("--no-finetune", action="store_true", help="probe only, skip fine-tuning")
     parser.add_argument("--force", action="store_true",
-                        help="rerun stages whose output exists (models are cached by name: after changing a "
-                             "recipe option, use --force or another --data-root)")
+                        help="rerun stages whose output exists (models are cached by name, and a data root "
+                             "refuses another recipe: after changing one, use --force or another --data-root)")
     args = parser.parse_args(argv)
     args.data_root = args.data_root.resolve()
     args.out = (args.out or REPO / ("results/study" if args.size == "study" else f"results/study_{args.size}")).resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     study = Study(args)
+    check_recipe(study.work / "recipe.json",
+                 recipe_record(study.settings, {"siamctc_override": args.siamctc_override}), args.force)
     demo = study.demo
     demo.stage("corpus", demo.corpus / "corpus.json", demo.build_corpus)
     demo.stage("units", demo.work / "units" / "dict.km.txt", demo.units)
