@@ -50,15 +50,20 @@ def test_group_error_rate_and_interval():
     assert -14 < result["low"] and result["high"] < -6
 
 
-def load_runner():
+def load_example(relative_path):
+    """A script under examples/ as a module."""
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "study" / "run_study.py"
-    spec = importlib.util.spec_from_file_location("run_study", path)
+    path = pathlib.Path(__file__).resolve().parents[1] / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_runner():
+    return load_example("examples/study/run_study.py")
 
 
 def test_study_tables_from_per_utterance_errors(tmp_path):
@@ -102,17 +107,6 @@ def test_study_variants_are_the_papers_ablation():
     assert list(found)[0] == "all"
 
 
-def load_demo():
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "demo" / "run_demo.py"
-    spec = importlib.util.spec_from_file_location("run_demo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_data_root_refuses_models_of_another_recipe(tmp_path):
     """Stages are cached by file name: a data root records its recipe on first use and then refuses a
     different one, naming what differs, unless forced (which retrains and records the new one)."""
@@ -120,7 +114,7 @@ def test_a_data_root_refuses_models_of_another_recipe(tmp_path):
 
     import yaml
 
-    demo = load_demo()
+    demo = load_example("examples/demo/run_demo.py")
     path = tmp_path / "study" / "recipe.json"
     recipe = demo.recipe_record(dict(demo.SIZES["study"]), {"siamctc_override": []})
     # the configs are recorded parsed, as the files give them

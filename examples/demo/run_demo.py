@@ -42,7 +42,7 @@ SIZES = {
     "tiny": dict(corpus="builtin_tiny", work="demo_tiny", clusters=20, seed_updates=20,
                  siamctc_updates=6, control_updates=14, finetune_updates=50, warmup=2,
                  max_tokens=100000, batch_size=4),
-    # seed_updates: 1200, not 800: the longer seed probes better on valid (README, "A stronger seed?");
+    # seed_updates: 1200, not 800: the longer seed probes better on valid (README, "A stronger seed");
     # control_updates: as many seed updates as the SiamCTC updates take on 2 cores (236 s)
     "small": dict(corpus="builtin", work="demo", clusters=100, seed_updates=1200,
                   siamctc_updates=150, control_updates=550, finetune_updates=700, warmup=80,
@@ -54,12 +54,12 @@ SIZES["study"] = dict(SIZES["small"], corpus="builtin_study", work="demo_study")
 RECIPE_CONFIGS = ("examples/demo/seed_hubert.yaml", "examples/siamctc/tiny.yaml", "examples/finetune/tiny_phn.yaml")
 
 
-def recipe_record(settings: dict, extra: dict = None, root: pathlib.Path = REPO) -> dict:
+def recipe_record(settings: dict, extra: dict = None) -> dict:
     """The recipe of a work folder's models: the size's settings, ``extra`` options and the parsed
     training configs (parsed, so that an edited comment is no change)."""
     import yaml
 
-    configs = {pathlib.Path(name).name: yaml.safe_load((root / name).read_text()) for name in RECIPE_CONFIGS}
+    configs = {pathlib.Path(name).name: yaml.safe_load((REPO / name).read_text()) for name in RECIPE_CONFIGS}
     return json.loads(json.dumps({"settings": settings, **(extra or {}), "configs": configs}))
 
 
