@@ -62,14 +62,10 @@ def load_example(relative_path):
     return module
 
 
-def load_runner():
-    return load_example("examples/study/run_study.py")
-
-
 def test_study_tables_from_per_utterance_errors(tmp_path):
     """summarise() on planted per-utterance errors: group PERs recomputed by hand, differences with
     intervals for every SiamCTC variant, the 'mean' column equal to the mean of the five speeds."""
-    runner = load_runner()
+    runner = load_example("examples/study/run_study.py")
     rng = np.random.default_rng(3)
     lengths = rng.integers(10, 30, 50)
     rates = {"seed": 0.4, "siamctc_all": 0.3, "siamctc_ctc": 0.35, "control": 0.38}
@@ -98,7 +94,7 @@ def test_study_tables_from_per_utterance_errors(tmp_path):
 
 
 def test_study_variants_are_the_papers_ablation():
-    runner = load_runner()
+    runner = load_example("examples/study/run_study.py")
     found = runner.variants(ablation=True, temperatures=[0.5], dot_temperatures=[2.0])
     assert found["all"] == [] and found["ctc"] == ["criterion.alpha=0", "criterion.beta=0"]
     assert found["ctc_kld"] == ["criterion.beta=0"] and found["ctc_tince"] == ["criterion.alpha=0"]
