@@ -1,8 +1,9 @@
 """SiamCTC as a fairseq plugin.
 
 Importing this package (``common.user_dir=<path to fairseq_siamctc>`` or ``import fairseq_siamctc``)
-applies the compatibility fixes for the current PyTorch/Python stack and registers every task,
-model and criterion of the project with fairseq.
+applies the compatibility fixes for the current PyTorch/Python stack, computes HuBERT's
+masked-prediction logits as one matrix product (``hubert_nce``: same logits, less time and memory)
+and registers every task, model and criterion of the project with fairseq.
 """
 
 import warnings
@@ -16,6 +17,10 @@ with warnings.catch_warnings():
     from . import compat  # noqa: F401  (first: the fixes must be in place before fairseq code runs)
 
     compat.apply()
+
+    from . import hubert_nce  # noqa: E402
+
+    hubert_nce.apply()
 
     from . import criterions, models, tasks  # noqa: E402,F401
 
