@@ -204,6 +204,12 @@ class LanguageModel:
         return cls(recognizer.lm_decoder(options), options)
 
 
+def decode_outputs(out_dir, splits, beam_search: bool) -> List[pathlib.Path]:
+    """The files ``decode_split`` writes for ``splits`` into ``out_dir``."""
+    suffixes = ["hyp", "ref", "json"] + (["lm.hyp", "lm.ref"] if beam_search else [])
+    return [pathlib.Path(out_dir) / f"{split}.{suffix}" for split in splits for suffix in suffixes]
+
+
 def decode_split(recognizer: CtcRecognizer, data: str, split: str, labels: str, out_dir: str,
                  post_process_symbol: str = "none", batch_size: int = BATCH_SIZE,
                  max_tokens: int = MAX_TOKENS, language_model: Optional[LanguageModel] = None,
@@ -257,10 +263,10 @@ def decode_split(recognizer: CtcRecognizer, data: str, split: str, labels: str, 
             bar.update(len(batch))
     seconds = time.perf_counter() - start
     score = {"metric": metric, **error_rate(hypotheses, references), "split": split, "labels": labels}
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / f"{split}.hyp", "\n".join(hypotheses) + "\n")
-    write_atomic(out / f"{split}.ref", "\n".join(references) + "\n")
+    hyp_path, ref_path, score_path, *lm_paths = decode_outputs(out_dir, [split], language_model is not None)
+    hyp_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(hyp_path, "\n".join(hypotheses) + "\n")
+    write_atomic(ref_path, "\n".join(references) + "\n")
     if language_model is not None:
         options = language_model.options
         score["lm"] = {"metric": "WER", **error_rate(lm_words, word_references),
@@ -268,22 +274,16 @@ def decode_split(recognizer: CtcRecognizer, data: str, split: str, labels: str, 
                        "lexicon": options.lexicon, "lm": options.lm, "beam": options.beam,
                        "beam_threshold": options.beam_threshold, "lm_weight": options.lm_weight,
                        "word_score": options.word_score, "sil_score": options.sil_score}
-        write_atomic(out / f"{split}.lm.hyp", "\n".join(lm_words) + "\n")
-        write_atomic(out / f"{split}.lm.ref", "\n".join(word_references) + "\n")
+        write_atomic(lm_paths[0], "\n".join(lm_words) + "\n")
+        write_atomic(lm_paths[1], "\n".join(word_references) + "\n")
     audio_seconds = audio_samples / SAMPLE_RATE
     score["throughput"] = {
         "seconds": seconds, "audio_seconds": audio_seconds, "utterances_per_second": count / max(seconds, 1e-9),
         "real_time_factor": seconds / max(audio_seconds, 1e-9), "batches": len(batches),
         "device": str(recognizer.device),
     }
-    write_atomic(out / f"{split}.json", json.dumps(score, indent=2) + "\n")
+    write_atomic(score_path, json.dumps(score, indent=2) + "\n")
     return score
-
-
-def decode_outputs(out_dir, splits, beam_search: bool) -> List[pathlib.Path]:
-    """The files ``decode_split`` writes for ``splits`` into ``out_dir``."""
-    suffixes = ["hyp", "ref", "json"] + (["lm.hyp", "lm.ref"] if beam_search else [])
-    return [pathlib.Path(out_dir) / f"{split}.{suffix}" for split in splits for suffix in suffixes]
 
 
 def summary(score: dict) -> str:
