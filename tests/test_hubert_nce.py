@@ -5,10 +5,13 @@ import types
 import pytest
 import torch
 
+from omegaconf import OmegaConf
+
 import fairseq_siamctc  # noqa: F401  (applies the routing)
-from fairseq.models.hubert.hubert import HubertModel
+from fairseq.models.hubert import HubertConfig, HubertModel
+from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
 from fairseq_siamctc import hubert_nce
-from tiny_checkpoints import tiny_hubert_checkpoint
+from tiny_checkpoints import km_dictionary, tiny_hubert_model_cfg
 
 # A cosine of D = 64 float32 terms rounds to within about D * 2^-24 = 4e-6 (|cos| <= 1); the
 # temperature 0.1 scales that to 4e-5, so 1e-4 separates rounding from a wrong formula.
@@ -20,6 +23,7 @@ def labelled_frames(frames=40, dims=64, classes=12, temperature=0.1):
     x = torch.randn(frames, dims, generator=generator)
     label_embs = torch.randn(classes, dims, generator=generator)
     label_embs[5] = label_embs[2]  # a duplicated embedding: fairseq masks both columns
+    label_embs[7, :8] = label_embs[2, :8]  # equal at first, not in every element: not masked
     targets = torch.randint(0, classes, (frames,), generator=generator)
     targets[:3] = 2
     return x, label_embs, targets, types.SimpleNamespace(logit_temp=temperature)
@@ -56,6 +60,16 @@ def test_cosine_logits_equal_fairseq_values_masks_and_gradients():
         torch.testing.assert_close(fast_grad, reference_grad, atol=1e-3, rtol=1e-4)
 
 
+def test_equal_rows_against_brute_force():
+    generator = torch.Generator().manual_seed(4)
+    a = torch.randint(0, 2, (30, 6), generator=generator).float()  # many repeated and near rows
+    b = torch.cat([a[::3], torch.randint(0, 2, (10, 6), generator=generator).float()])
+    b[0, -1] = float("nan")
+    brute_force = torch.tensor([[bool((a[i] == b[j]).all()) for j in range(len(b))] for i in range(len(a))])
+    assert brute_force.any() and not brute_force.all()
+    assert torch.equal(hubert_nce.equal_rows(a, b, head=2), brute_force)
+
+
 def test_materialised_negatives_go_to_fairseq(monkeypatch):
     x, label_embs, targets, model = labelled_frames()
     monkeypatch.setattr(hubert_nce, "cosine_logits", pytest.fail)
@@ -64,10 +78,21 @@ def test_materialised_negatives_go_to_fairseq(monkeypatch):
     assert torch.equal(logits, fairseq_logits(x, label_embs, targets, model))
 
 
-def test_hubert_forward_takes_the_product_and_matches_fairseq(tmp_path, monkeypatch):
-    model = tiny_hubert_checkpoint(tmp_path / "hubert.pt", n_units=20)  # eval mode: no dropout
+def two_label_set_hubert():
+    """A tiny HuBERT predicting two label sets (24 and 16 classes): the second set's embeddings sit
+    at an offset in the one parameter that holds both."""
+    torch.manual_seed(0)
+    cfg = OmegaConf.merge(OmegaConf.structured(HubertConfig),
+                          {k: v for k, v in tiny_hubert_model_cfg().items() if k != "_name"})
+    task_cfg = OmegaConf.structured(HubertPretrainingConfig(data="unused", labels=["a", "b"], label_rate=50))
+    return HubertModel(cfg, task_cfg, [km_dictionary(20), km_dictionary(12)]).eval()  # eval: no dropout
+
+
+def test_hubert_forward_takes_the_product_and_matches_fairseq(monkeypatch):
+    model = two_label_set_hubert()
     source = torch.randn(2, 16_000, generator=torch.Generator().manual_seed(2))
-    labels = torch.randint(0, 20, (2, 50), generator=torch.Generator().manual_seed(3))
+    labels = [torch.randint(4, 24, (2, 50), generator=torch.Generator().manual_seed(3)),
+              torch.randint(4, 16, (2, 50), generator=torch.Generator().manual_seed(4))]
     calls = []
     product = hubert_nce.cosine_logits
     monkeypatch.setattr(hubert_nce, "cosine_logits", lambda *a, **k: calls.append(1) or product(*a, **k))
@@ -82,17 +107,25 @@ def test_hubert_forward_takes_the_product_and_matches_fairseq(tmp_path, monkeypa
 
     monkeypatch.setattr(HubertModel, "apply_mask", every_third_frame_masked)
 
-    def forward():
-        with torch.no_grad():
-            return model(source, target_list=[labels], padding_mask=torch.zeros_like(source, dtype=torch.bool))
+    def forward_backward():
+        model.zero_grad(set_to_none=True)
+        result = model(source, target_list=labels, padding_mask=torch.zeros_like(source, dtype=torch.bool))
+        logits = torch.cat([torch.cat(result[key], 1) for key in ("logit_m_list", "logit_u_list")])
+        finite = torch.isfinite(logits)
+        weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(4))
+        (logits[finite] * weights[finite]).sum().backward()
+        # the class embeddings reach the logits through views of one parameter: check the route
+        return logits.detach(), model.label_embs_concat.grad, model.final_proj.weight.grad
 
-    fast = forward()
-    assert len(calls) == 2  # masked and unmasked frames
+    fast = forward_backward()
+    assert len(calls) == 4  # masked and unmasked frames of each label set
     monkeypatch.setattr(HubertModel, "compute_nce", hubert_nce.FAIRSEQ_COMPUTE_NCE)
-    reference = forward()
-    for key in ("logit_m_list", "logit_u_list"):
-        fast_logits, reference_logits = fast[key][0], reference[key][0]
-        assert fast_logits.shape == reference_logits.shape and fast_logits.size(1) == 1 + model.num_classes[0]
-        assert torch.equal(torch.isinf(fast_logits), torch.isinf(reference_logits))
-        finite = torch.isfinite(reference_logits)
-        torch.testing.assert_close(fast_logits[finite], reference_logits[finite], atol=LOGIT_TOLERANCE, rtol=0)
+    reference = forward_backward()
+    (fast_logits, *fast_grads), (reference_logits, *reference_grads) = fast, reference
+    assert fast_logits.shape == reference_logits.shape and fast_logits.size(1) == (1 + 24) + (1 + 16)
+    assert torch.equal(torch.isinf(fast_logits), torch.isinf(reference_logits))
+    finite = torch.isfinite(reference_logits)
+    torch.testing.assert_close(fast_logits[finite], reference_logits[finite], atol=LOGIT_TOLERANCE, rtol=0)
+    for fast_grad, reference_grad in zip(fast_grads, reference_grads):
+        assert reference_grad.abs().max() > 0
+        torch.testing.assert_close(fast_grad, reference_grad, rtol=1e-4, atol=1e-4 * reference_grad.abs().max().item())
