@@ -1,13 +1,14 @@
 """HuBERT's masked-prediction logits as one matrix product.
 
 fairseq's ``HubertModel.compute_nce`` scores every frame against every cluster embedding with
-``torch.cosine_similarity`` over a broadcast of shape (classes + 1, frames, dims): close to half the
-CPU time of a step of the demo's small HuBERT (100 clusters; `bench/hubert_nce.py`), and classes x frames x dims floats
-on a GPU (1.5 GB for 500 clusters and 3,000 frames). The same cosines are one
-(frames, dims) x (dims, classes) product of unit vectors. ``apply()``, called when the plugin is
-imported, sends a call to :func:`cosine_logits` when its negatives are fairseq's broadcast of the
-label embeddings, and every other call (``target_glu`` materialises them) to fairseq's own code.
-The logits equal fairseq's to float rounding; ``tests/test_hubert_nce.py`` compares them.
+``torch.cosine_similarity`` over a broadcast of shape (classes + 1, frames, dims): close to half
+the CPU time of a step of the demo's small HuBERT (100 clusters; ``bench/hubert_nce.py``), and
+classes x frames x dims floats on a GPU (1.5 GB for 500 clusters and 3,000 frames). The same
+cosines are one (frames, dims) x (dims, classes) product of unit vectors. ``apply()``, called
+when the plugin is imported, sends a call to :func:`cosine_logits` when its negatives are
+fairseq's broadcast of the label embeddings, and every other call (``target_glu`` materialises
+them) to fairseq's own code. The logits equal fairseq's to float rounding, their -inf entries
+exactly; ``tests/test_hubert_nce.py`` compares both, and the gradients.
 """
 
 import torch
@@ -44,7 +45,7 @@ def equal_rows(a: torch.Tensor, b: torch.Tensor, head: int = 4) -> torch.Tensor:
     ``head`` elements of every pair, then whole rows of the pairs that agree there, so that no
     A x B x D tensor is built when the rows differ early (as random embeddings do)."""
     candidate = (a[:, None, :head] == b[None, :, :head]).all(-1)
-    rows, cols = candidate.nonzero(as_tuple=True)
+    rows, cols = candidate.nonzero(as_tuple=True)  # one host sync, as fairseq's own ``.any()``
     candidate[rows, cols] = (a[rows] == b[cols]).all(-1)
     return candidate
 
