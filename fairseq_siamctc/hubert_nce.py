@@ -31,9 +31,11 @@ def cosine_logits(x: torch.Tensor, pos: torch.Tensor, label_embs: torch.Tensor, 
         v = v.float()
         return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(eps)
 
-    x_unit, pos_unit, embs_unit = unit(x), unit(pos), unit(label_embs)
-    target_cos = (x_unit * pos_unit).sum(-1, keepdim=True)
-    class_cos = x_unit @ embs_unit.t()
+    # float32 under autocast too, where cosine_similarity runs in float32 and a product would not
+    with torch.autocast(x.device.type, enabled=False):
+        x_unit, pos_unit, embs_unit = unit(x), unit(pos), unit(label_embs)
+        target_cos = (x_unit * pos_unit).sum(-1, keepdim=True)
+        class_cos = x_unit @ embs_unit.t()
     logits = torch.cat([target_cos, class_cos], dim=1).type_as(x) / temperature
     is_target = equal_rows(pos, label_embs)
     no_column = torch.zeros_like(is_target[:, :1])

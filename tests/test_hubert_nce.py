@@ -60,6 +60,16 @@ def test_cosine_logits_equal_fairseq_values_masks_and_gradients():
         torch.testing.assert_close(fast_grad, reference_grad, atol=1e-3, rtol=1e-4)
 
 
+def test_cosine_logits_stay_float32_under_autocast():
+    x, label_embs, targets, model = labelled_frames()
+    plain = product_logits(x, label_embs, targets, model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = product_logits(x, label_embs, targets, model)
+    # a bfloat16 product (8 bits of mantissa) would be off by about 1e-2 / 0.1 = 0.1
+    assert autocast.dtype == torch.float32
+    torch.testing.assert_close(autocast, plain, atol=LOGIT_TOLERANCE, rtol=0)
+
+
 def test_equal_rows_against_brute_force():
     generator = torch.Generator().manual_seed(4)
     a = torch.randint(0, 2, (30, 6), generator=generator).float()  # many repeated and near rows
