@@ -1,9 +1,9 @@
 """HuBERT's masked-prediction logits as one matrix product.
 
 fairseq's ``HubertModel.compute_nce`` scores every frame against every cluster embedding with
-``torch.cosine_similarity`` over a broadcast of shape (classes + 1, frames, dims): close to half
-the CPU time of a step of the demo's small HuBERT (100 clusters; ``bench/hubert_nce.py``), and
-classes x frames x dims floats on a GPU (1.5 GB for 500 clusters and 3,000 frames). The same
+``torch.cosine_similarity`` over a broadcast of shape (classes + 1, frames, dims): a third of the
+CPU time of a step of the demo's small HuBERT (100 clusters; ``bench/hubert_nce.py``), and
+classes x frames x dims floats (1.5 GB for 500 clusters and 3,000 frames). The same
 cosines are one (frames, dims) x (dims, classes) product of unit vectors. ``apply()``, called
 when the plugin is imported, sends a call to :func:`cosine_logits` when its negatives are
 fairseq's broadcast of the label embeddings, and every other call (``target_glu`` materialises
