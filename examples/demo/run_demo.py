@@ -43,8 +43,9 @@ SIZES = {
                  siamctc_updates=6, control_updates=14, finetune_updates=50, warmup=2,
                  max_tokens=100000, batch_size=4),
     # seed_updates: 1200, not 800: the longer seed probes better on valid (README, "A stronger seed");
-    # control_updates: as many seed updates as the SiamCTC updates took on 2 cores with both views in
-    # one pass (236 s; about 200 s with one pass per view, so the control gets slightly more time)
+    # control_updates: about as many seed updates as fit in the time of SiamCTC's updates on 2 cores
+    # (a fresh-clone demo: 1,200 seed updates trained in 374 s, SiamCTC's 150 in 162 s; 550 take
+    # about 171 s, so the control gets slightly more time)
     "small": dict(corpus="builtin", work="demo", clusters=100, seed_updates=1200,
                   siamctc_updates=150, control_updates=550, finetune_updates=700, warmup=80,
                   max_tokens=160000, batch_size=8),
