@@ -15,7 +15,6 @@ of the process (minimum over ``--repeats``):
 
 import argparse
 import contextlib
-import dataclasses
 import pathlib
 import time
 
