@@ -16,13 +16,13 @@ of the process (minimum over ``--repeats``):
 import argparse
 import contextlib
 import pathlib
-import time
 
 import torch
 import yaml
 from omegaconf import OmegaConf
 
 from fairseq_siamctc import hubert_nce  # importing the plugin routes compute_nce to the product
+from losses import best_time  # bench/losses.py: CPU seconds of the process, minimum of the repeats
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,15 +38,6 @@ def fairseq_logits(enabled: bool):
         yield
     finally:
         HubertModel.compute_nce = routed
-
-
-def best_time(function, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        function()
-        times.append(time.process_time() - start)
-    return min(times)
 
 
 def logits_alone(frames, classes=504, dims=256):
