@@ -3,7 +3,10 @@
 Conventions: B utterances, T frames, D features; padding masks follow fairseq (``True`` marks a
 padded frame, padding at the end). Every function runs unchanged on CUDA; lengths stay tensors, and
 the only host synchronisation is one read of the lengths per batch in :func:`viterbi_alignment`
-(never one per frame). No function's number of operator calls grows with T.
+(never one per frame). On CUDA no function's number of operator calls grows with T; on a CPU,
+where operator calls are cheap, :func:`frame_ctc_loss` runs a recursion of a few operators per frame
+over the band of feasible states (:mod:`fairseq_siamctc.band_ctc`), several times faster there than
+torch's kernel.
 
 - :func:`alignment_log_probs`: attention logits with a fixed blank column, log-softmax over classes.
 - :func:`frame_ctc_loss`: CTC NLL of the target ``1, 2, ..., L`` (every key frame once, in order).
@@ -19,6 +22,8 @@ import torch
 import torch.nn.functional as F
 import torchaudio  # noqa: F401  (registers torch.ops.torchaudio.forced_align)
 from torch import Tensor
+
+from .band_ctc import band_ctc_applies, band_ctc_nll
 
 __all__ = ["alignment_log_probs", "frame_ctc_loss", "viterbi_alignment", "tince_loss", "siamctc_loss"]
 
@@ -107,7 +112,13 @@ def frame_ctc_loss(log_probs: Tensor, input_lengths: Tensor, target_lengths: Ten
 
     log_probs (B, T_in, C) with blank 0, input_lengths (B,), target_lengths (B,) with
     target_lengths <= C - 1 -> (B,). An infeasible utterance (input shorter than target) gets inf.
+
+    CPU batches of feasible utterances go through :func:`~fairseq_siamctc.band_ctc.band_ctc_nll`
+    (the same values; its gradient is the exact one with respect to ``log_probs``, torch's that plus
+    ``exp(log_probs)``, equal after the log-softmax that makes them); the rest through torch's kernel.
     """
+    if band_ctc_applies(log_probs, input_lengths, target_lengths):
+        return band_ctc_nll(log_probs, input_lengths, target_lengths)
     batch_size, _, num_classes = log_probs.shape
     targets = torch.arange(1, num_classes, device=log_probs.device).expand(batch_size, num_classes - 1)
     # -inf classes (padded keys) make torch's CTC gradient NaN (it evaluates -inf - -inf); a finite

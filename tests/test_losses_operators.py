@@ -1,12 +1,13 @@
 """The objective's cost structure: the Viterbi alignment through the compiled aligner equals the
 former per-frame dynamic programme on large padded batches, and the number of operator calls of the
-objective (the proxy for GPU kernel launches) does not grow with the number of frames."""
+objective as CUDA runs it (the proxy for GPU kernel launches) does not grow with the number of frames."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from fairseq_siamctc import losses
 from fairseq_siamctc.losses import alignment_log_probs, siamctc_loss, viterbi_alignment
 
 torch.set_num_threads(1)
@@ -121,9 +122,13 @@ def objective_call(num_frames, seed=0):
     return run
 
 
-def test_operator_calls_do_not_grow_with_the_number_of_frames():
+def test_operator_calls_do_not_grow_with_the_number_of_frames(monkeypatch):
+    # on CPU the CTC term takes the band recursion, a few operators a frame; CUDA takes torch's kernel
+    band_on_cpu = operator_calls(objective_call(160)) - operator_calls(objective_call(40))
+    monkeypatch.setattr(losses, "band_ctc_applies", lambda *args: False)
     short, long = operator_calls(objective_call(40)), operator_calls(objective_call(160))
     assert short == long
+    assert band_on_cpu >= 2 * (160 - 40)  # what the CUDA route is spared
     log_probs, input_lengths, target_lengths = random_problem(1, batch=4, max_len=40, dtype=torch.float32)
     long_problem = random_problem(1, batch=4, max_len=160, dtype=torch.float32)
     lengths = (input_lengths.clamp(min=20), target_lengths.clamp(max=19))  # all feasible: one aligner call each
