@@ -3,7 +3,9 @@
 A batch of B utterances of 10 to 15 s (T = 500 to 750 frames at 50 Hz, D = 256); each perturbed
 view is T / speed frames for a speed factor from {0.8, ..., 1.2}, so the batch mixes plain and
 swapped (sped-up) utterances. Timed, forward + backward, one thread:
-- ``siamctc_loss`` whole, and its parts: attention log-probabilities, CTC, Viterbi, TINCE;
+- ``siamctc_loss`` whole, and its parts: attention log-probabilities, CTC, Viterbi, TINCE; the
+  whole objective and the CTC both ways: the band recursion that a CPU takes and torch's kernel that
+  CUDA takes;
 - LASER's alternative: soft-DTW (gamma 0.1, cosine distance) between the two views, a
   straightforward numba DP (forward and backward) on top of the torch distance matrix;
 - a HuBERT-base encoder (fairseq's HubertModel, base config, random weights, CNN frozen as in
@@ -16,6 +18,7 @@ Times are CPU seconds of the process (one thread), each small timing the minimum
 """
 
 import argparse
+import contextlib
 import logging
 import math
 import pathlib
@@ -110,9 +113,23 @@ def soft_dtw_step(z, z_pert, lengths, pert_lengths, gamma=0.1):
     return total / len(lengths)
 
 
+@contextlib.contextmanager
+def cuda_route():
+    """The objective as it runs on CUDA: the CTC through torch's kernel instead of the CPU's band."""
+    import fairseq_siamctc.losses as losses
+
+    band_ctc_applies = losses.band_ctc_applies
+    losses.band_ctc_applies = lambda *args: False
+    try:
+        yield
+    finally:
+        losses.band_ctc_applies = band_ctc_applies
+
+
 def count_operators(frame_counts, batch, dim, seed):
     """Operator calls of one objective call (forward + backward), the proxy for GPU kernel launches,
-    at several T; and the same objective with the former per-frame Viterbi loop (the tests' reference)."""
+    at several T: as CUDA runs it, as a CPU runs it, and as CUDA ran it with the former per-frame
+    Viterbi loop (the tests' reference)."""
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
     from test_losses_operators import loop_viterbi, operator_calls
 
@@ -120,7 +137,7 @@ def count_operators(frame_counts, batch, dim, seed):
 
     phi, psi = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
     print(f"operator calls of one siamctc_loss call, forward + backward, B = {batch}, D = {dim}:")
-    print(f"{'T':>6s} {'compiled Viterbi':>17s} {'per-frame Viterbi loop':>23s}")
+    print(f"{'T':>6s} {'CUDA route':>11s} {'CPU route (band CTC)':>21s} {'CUDA, per-frame Viterbi loop':>29s}")
     for frames in frame_counts:
         gen = torch.Generator().manual_seed(seed)
         lengths = frames - torch.randint(0, frames // 4, (batch,), generator=gen)
@@ -136,14 +153,17 @@ def count_operators(frame_counts, batch, dim, seed):
             out = losses.siamctc_loss(z, z_pert, mask, pert_mask, phi, psi, generator=torch.Generator().manual_seed(0))
             out["loss"].backward()
 
-        counts = [operator_calls(call)]
+        with cuda_route():
+            counts = [operator_calls(call)]
+        counts.append(operator_calls(call))
         compiled = losses.viterbi_alignment
         losses.viterbi_alignment = loop_viterbi
         try:
-            counts.append(operator_calls(call))
+            with cuda_route():
+                counts.append(operator_calls(call))
         finally:
             losses.viterbi_alignment = compiled
-        print(f"{frames:6d} {counts[0]:17d} {counts[1]:23d}")
+        print(f"{frames:6d} {counts[0]:11d} {counts[1]:21d} {counts[2]:29d}")
     print()
 
 
@@ -206,6 +226,13 @@ def main():
     def ctc():
         frame_ctc_loss(leaf_lp, in_len, tgt_len).sum().backward()
 
+    def on_cuda_route(fn):
+        def run():
+            with cuda_route():
+                fn()
+
+        return run
+
     def viterbi():
         viterbi_alignment(padded_lp, in_len, tgt_len)
 
@@ -217,8 +244,10 @@ def main():
     timings = {}
     for name, fn in (
         ("siamctc_loss (all terms)", full),
+        ("  ... CTC by torch's kernel", on_cuda_route(full)),
         ("  attention log-probs", attention),
-        ("  CTC (torch ctc_loss)", ctc),
+        ("  CTC (band recursion)", ctc),
+        ("  CTC (torch's kernel)", on_cuda_route(ctc)),
         ("  Viterbi alignment", viterbi),
         ("  TINCE (both views)", tince),
         ("soft-DTW (numba + distance)", lambda: soft_dtw_step(z, z_pert, lengths, pert_lengths)),

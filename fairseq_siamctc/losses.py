@@ -369,11 +369,14 @@ def siamctc_loss(
         # one square layout holds both directions, so swapping needs no host sync; the views are
         # padded to it before the product (a (B, T, D) pass, not one over the (B, T~, T) scores)
         size = max(len_orig, len_pert)
-        query = F.pad(phi(z_pert), (0, 0, 0, size - len_pert))
-        keys = F.pad(z, (0, 0, 0, size - len_orig))
-        logits = similarity_matrix(query, keys, similarity, scale=1.0 / temperature)  # (B, S, S)
+        projected = F.pad(phi(z_pert), (0, 0, 0, size - len_pert))
+        plain = F.pad(z, (0, 0, 0, size - len_orig))
         swapped = pert_lengths < orig_lengths
-        logits = torch.where(swapped[:, None, None], logits.transpose(1, 2), logits)
+        # both similarities are symmetric: swapping the operands of a swapped utterance gives its
+        # transposed scores without a pass over the (B, S, S) tensor
+        query = torch.where(swapped[:, None, None], plain, projected)
+        keys = torch.where(swapped[:, None, None], projected, plain)
+        logits = similarity_matrix(query, keys, similarity, scale=1.0 / temperature)  # (B, S, S)
         input_lengths = torch.where(swapped, orig_lengths, pert_lengths)
         target_lengths = torch.where(swapped, pert_lengths, orig_lengths)
         aligned = target_lengths > 0
