@@ -8,11 +8,12 @@ objective (``siamctc_loss``, all terms), the backward pass, gradient clipping an
 The views are the paper's worst case: every perturbed view a 0.8x copy (19.5 s), which one padded
 pass makes the originals pay for as well.
 
-Each configuration runs in a fresh process, one torch thread, and takes two steps: one utterance,
-then two. Peak memory is measured two ways after each step: the process's maximum resident set
+Each configuration runs in a fresh process, one torch thread, and takes steps of one utterance,
+then of two. Peak memory is measured two ways after each step: the process's maximum resident set
 (``getrusage``, an upper bound: the C allocator keeps freed blocks) and the peak of the bytes of the
 tensors alive at once (weights, gradients, AdamW's moments and everything the step creates, followed
-by a dispatch mode: what a GPU's allocator would hold). The second step minus the first is what one
+by a dispatch mode: what a GPU's allocator would hold), each size stepped twice: once followed for
+memory, once timed without the dispatch mode. The second size minus the first is what one
 more utterance costs, from which the paper's batch of 8 is extrapolated linearly (activations grow
 linearly with the batch at a fixed crop). Times are CPU
 seconds of the two-utterance step, split into its parts; ratios between configurations are taken
@@ -149,10 +150,8 @@ def worker(args):
             manifest, views=ViewSettings(speeds=(0.8,), semitones=(0.0,)), max_sample_size=crop, seed=args.seed
         )
         result["rss_model_gb"] = peak_rss_gb()
-        for count in args.utterances:
-            parts = {}
-            tracker = live_tensor_peak(list(model.parameters()) + optimizer_tensors(optimizer))
-            tracker.__enter__()
+
+        def take_step(count, parts):
             clock = time.process_time()
 
             def lap(name):
@@ -183,12 +182,20 @@ def worker(args):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             lap("optimizer")
-            del out, z, z_pert, terms
-            tracker.__exit__(None, None, None)
-            live = tracker.peak
+            return int(batch["source_pert"].shape[1]) // 320, finite
+
+        for count in args.utterances:
+            # memory and time in two steps of the same size: the dispatch mode that follows the tensors
+            # costs a Python call per operator, which would weigh on the objective's many small ones
+            tracker = live_tensor_peak(list(model.parameters()) + optimizer_tensors(optimizer))
+            with tracker:
+                frames, finite = take_step(count, {})
+            peak_rss = peak_rss_gb()
+            parts = {}
+            take_step(count, parts)
             result["steps"].append({
-                "utterances": count, "frames": int(batch["source_pert"].shape[1]) // 320,
-                "peak_rss_gb": peak_rss_gb(), "peak_live_gb": live / 2**30, "parts": parts, "loss_finite": finite,
+                "utterances": count, "frames": frames, "peak_rss_gb": peak_rss, "peak_live_gb": tracker.peak / 2**30,
+                "parts": parts, "loss_finite": finite,
             })
     print(json.dumps(result))
 
