@@ -5,7 +5,7 @@ state s (of the 2 L + 1 states blank, 1, blank, 2, ..., L, blank) at frame t has
 two states per frame from the start, s <= 2 t + 1, and must still reach the last label or the final
 blank by frame T - 1, s >= 2 L - 1 - 2 (T - 1 - t). Between the two bounds lie 2 (T - L) + 1
 states, against the 2 L + 1 that torch's CPU kernel visits at every frame: for the views of the
-paper's speed grid (T / L <= 1.25 after the role swap) a fifth to a quarter of them, and a single
+paper's speed grid (T / L <= 1.25 after the role swap) at most a quarter of them, and a single
 state at T = L. This module runs the forward (alpha) and backward (beta) recursions over that
 band only, in coordinates that slide with t (state s = 2 t + 1 - 2 (T - L) + r, r in [0, W)), so
 that each frame is a few vectorised operations on a (B, W) tensor. The result equals the full
@@ -56,7 +56,8 @@ class _BandCTC(torch.autograd.Function):
         slots = width + 2
         size = batch_size * slots
         classes, exists = _band_classes(input_lengths, target_lengths, max_in, slots)
-        emissions = log_probs.transpose(0, 1).gather(2, classes).masked_fill_(~exists, float("-inf")).view(max_in, size)
+        emissions = log_probs.transpose(0, 1).gather(2, classes).masked_fill_(~exists, float("-inf"))
+        emissions = emissions.view(max_in, size)
         # a label state (even r) may also be entered from the previous label, two states back
         skip = torch.zeros(batch_size, slots, dtype=log_probs.dtype, device=log_probs.device)
         skip[:, 1::2] = float("-inf")
@@ -77,7 +78,8 @@ class _BandCTC(torch.autograd.Function):
         # the path ends in the last label (r = 0) or the final blank (r = 1) at frame T_b - 1
         first_slot = torch.arange(batch_size, device=log_probs.device) * slots
         ends = alpha[input_lengths - 1]
-        log_likelihood = torch.logaddexp(ends.gather(1, first_slot[:, None]), ends.gather(1, first_slot[:, None] + 1))[:, 0]
+        last_label, final_blank = ends.gather(1, first_slot[:, None]), ends.gather(1, first_slot[:, None] + 1)
+        log_likelihood = torch.logaddexp(last_label, final_blank)[:, 0]
         ctx.save_for_backward(input_lengths, classes, emissions, alpha, skip, log_likelihood)
         ctx.shape = log_probs.shape
         return -log_likelihood
