@@ -44,8 +44,8 @@ SIZES = {
                  max_tokens=100000, batch_size=4),
     # seed_updates: 1200, not 800: the longer seed probes better on valid (README, "A stronger seed");
     # control_updates: about as many seed updates as fit in the time of SiamCTC's updates on 2 cores
-    # (a fresh-clone demo: 1,200 seed updates trained in 374 s, SiamCTC's 150 in 162 s; 550 take
-    # about 171 s, so the control gets slightly more time)
+    # (fresh-clone demos: 1,200 seed updates trained in 374 to 405 s, SiamCTC's 150 in 162 to 198 s;
+    # 550 take 171 to 186 s, within about 6 % of SiamCTC's time either way)
     "small": dict(corpus="builtin", work="demo", clusters=100, seed_updates=1200,
                   siamctc_updates=150, control_updates=550, finetune_updates=700, warmup=80,
                   max_tokens=160000, batch_size=8),
