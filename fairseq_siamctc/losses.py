@@ -113,9 +113,10 @@ def frame_ctc_loss(log_probs: Tensor, input_lengths: Tensor, target_lengths: Ten
     log_probs (B, T_in, C) with blank 0, input_lengths (B,), target_lengths (B,) with
     target_lengths <= C - 1 -> (B,). An infeasible utterance (input shorter than target) gets inf.
 
-    CPU batches of feasible utterances whose band is narrower than the lattice (every batch of
-    SiamCTC's views, T / L <= 1.25) go through :func:`~fairseq_siamctc.band_ctc.band_ctc_nll` (the same values; its gradient is the exact one with respect to ``log_probs``, torch's that plus
-    ``exp(log_probs)``, equal after the log-softmax that makes them); the rest through torch's kernel.
+    CPU batches of feasible utterances whose band is narrower than the lattice (SiamCTC's views:
+    T / L <= 1.25) go through :func:`~fairseq_siamctc.band_ctc.band_ctc_nll`: the same values; its
+    gradient is the exact one with respect to ``log_probs``, torch's that plus ``exp(log_probs)``,
+    equal after the log-softmax that makes them. The rest go through torch's kernel.
     """
     if band_ctc_applies(log_probs, input_lengths, target_lengths):
         return band_ctc_nll(log_probs, input_lengths, target_lengths)
