@@ -8,8 +8,8 @@ states, against the 2 L + 1 that torch's CPU kernel visits at every frame: for t
 paper's speed grid (T / L <= 1.25 after the role swap) at most a quarter of them, and a single
 state at T = L. This module runs the forward (alpha) and backward (beta) recursions over that
 band only, in coordinates that slide with t (state s = 2 t + 1 - 2 (T - L) + r, r in [0, W)), so
-that each frame is a few vectorised operations on a (B, W) tensor. The result equals the full
-lattice's exactly: the band only leaves out states of probability zero.
+that each frame is a few vectorised operations on a (B, W) tensor. The result is the full
+lattice's, to rounding: the band only leaves out states of probability zero.
 
 The frame loop is in Python: two passes of T small operations. That suits a CPU, where it is several
 times faster than torch's kernel (bench/README.md), and not a GPU, where each operation is a kernel
