@@ -13,8 +13,16 @@ DEMO_SIZE ?= small
 
 setup: $(STAMP)
 
+# torch's CUDA build makes the environment about 6.5 GB; without room for it pip stops halfway.
+SETUP_FREE_GB ?= 8
+
 $(STAMP): setup.cfg setup.py constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import torch' 2>/dev/null || { \
+	  free_gb=$$(df -Pk $(VENV) | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	  if [ "$$free_gb" -lt $(SETUP_FREE_GB) ]; then \
+	    echo "make setup: installing into $(VENV) needs about $(SETUP_FREE_GB) GB free, the disk has $$free_gb GB" >&2; exit 1; \
+	  fi; }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,bench]'
 	@touch $@
