@@ -148,9 +148,10 @@ def _convert_waveform_without_sox() -> None:
 # by ``torch.cuda.device_count()``: "world size is 2 but have 0 available devices", then
 # ``torch.cuda.ByteTensor`` in ``all_gather_list``. Without CUDA and with the gloo backend, spawn
 # one process per rank on this host and gather with ``all_gather_object``; with CUDA nothing
-# changes. Without CUDA, settings that need a GPU (fairseq's default NCCL backend, fp16) are
+# changes. Without CUDA, settings that need a GPU (fairseq's default NCCL backend, fp16, AMP) are
 # refused in one line, instead of every spawned process failing with "ProcessGroupNCCL is only
-# supported with GPUs" or a traceback ending in "Found no NVIDIA driver on your system".
+# supported with GPUs" or a traceback ending in "Found no NVIDIA driver on your system". bf16 is
+# not refused: torch runs it on CPUs, so a bf16 config can be checked on a laptop before a GPU run.
 class LaunchError(SystemExit):
     """A training configuration that cannot run on this machine; exits with its message."""
 
@@ -161,7 +162,7 @@ def gpu_only_settings(cfg) -> list:
         return []
     dt = cfg.distributed_training
     needs_gpu = [(f"common.{key}=true", f"common.{key}=false")
-                 for key in ("fp16", "bf16", "amp") if cfg.common.get(key)]
+                 for key in ("fp16", "amp") if cfg.common.get(key)]
     if dt.distributed_world_size > 1 and dt.distributed_backend != "gloo":
         needs_gpu.append((f"distributed_world_size={dt.distributed_world_size} over "
                           f"{dt.distributed_backend}", "distributed_training.distributed_world_size=1"))
