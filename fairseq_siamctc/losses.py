@@ -2,20 +2,21 @@
 
 Conventions: B utterances, T frames, D features; padding masks follow fairseq (``True`` marks a
 padded frame, padding at the end). Every function runs unchanged on CUDA; lengths stay tensors, and
-the only host synchronisation is one read of the lengths per batch in :func:`viterbi_alignment`
-(never one per frame). On CUDA no function's number of operator calls grows with T; on a CPU,
-where operator calls are cheap, :func:`frame_ctc_loss` runs a recursion of a few operators per frame
-over the band of feasible states (:mod:`fairseq_siamctc.band_ctc`), several times faster there than
-torch's kernel.
+on CUDA the only host synchronisation is torch's CTC kernel reading the lengths, once per batch
+(never once per frame). On CUDA no function's number of operator calls or kernel launches grows
+with T; on a CPU, where operator calls are cheap, :func:`frame_ctc_loss` runs a recursion of a few
+operators per frame over the band of feasible states (:mod:`fairseq_siamctc.band_ctc`), several
+times faster there than torch's kernel.
 
 - :func:`alignment_log_probs`: attention logits with a fixed blank column, log-softmax over classes.
 - :func:`frame_ctc_loss`: CTC NLL of the target ``1, 2, ..., L`` (every key frame once, in order).
 - :func:`viterbi_alignment`: the best CTC path for that target (the hard alignment of the KLD term),
-  through torchaudio's compiled forced aligner.
+  through torchaudio's compiled forced aligner on a CPU and one Triton kernel on CUDA.
 - :func:`tince_loss`: temporal InfoNCE (eq. 3) with in-utterance negatives.
 - :func:`siamctc_loss`: eq. 6, with the role swap ("transpose") where the perturbed view is shorter.
 """
 
+import importlib.util
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -136,32 +137,82 @@ def frame_ctc_loss(log_probs: Tensor, input_lengths: Tensor, target_lengths: Ten
     )
 
 
+VITERBI_BACKENDS = ("auto", "triton", "torchaudio")
+
+
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 @torch.no_grad()
-def viterbi_alignment(log_probs: Tensor, input_lengths: Tensor, target_lengths: Tensor) -> Tensor:
+def viterbi_alignment(
+    log_probs: Tensor, input_lengths: Tensor, target_lengths: Tensor, *, backend: str = "auto"
+) -> Tensor:
     """Best CTC path for the target 1, 2, ..., target_length.
 
     log_probs (B, T_in, C), input_lengths (B,), target_lengths (B,) -> LongTensor (B, T_in): the
     class of the path at each input frame (0 = blank), -1 on padded frames and on every frame of an
     infeasible utterance (input shorter than target, or no path of finite log-probability).
 
-    One call of torchaudio's compiled forced aligner per utterance, on the device of ``log_probs``
-    (CPU or CUDA): the number of operator calls grows with B, not with T. The lengths are read to
-    the host once for the whole batch, since the aligner takes each utterance at its exact shape.
-    On CUDA the aligner itself still launches one small kernel per frame and copies its
-    back-pointers to the host every 100 frames (see bench/README.md).
+    ``backend``:
+    - ``"triton"``: :func:`~fairseq_siamctc.viterbi_triton.viterbi_path`, the whole batch in one
+      kernel launch and no host sync; on a CPU it runs under Triton's interpreter (slow: for tests);
+    - ``"torchaudio"``: one call of torchaudio's compiled forced aligner per utterance, the lengths
+      read to the host once (it takes each utterance at its exact shape); on CUDA the aligner
+      launches one small kernel per frame and copies its back-pointers to the host every 100 frames;
+    - ``"auto"``: ``"triton"`` for CUDA tensors (where Triton is installed), else ``"torchaudio"``,
+      the faster one on a CPU.
+
+    Both routes give torchaudio's CPU aligner's paths, ties included (the kernel makes the same
+    comparisons in the same precision; see :mod:`~fairseq_siamctc.viterbi_triton` for its CUDA
+    aligner). Lengths that do not fit ``log_probs`` raise a ValueError, except on the Triton route
+    with lengths on a GPU, where checking them would cost a host sync: their utterances get -1 there.
     """
+    if backend not in VITERBI_BACKENDS:
+        raise ValueError(f"backend must be one of {VITERBI_BACKENDS}, got {backend!r}")
+    batch_size, max_in, num_classes = log_probs.shape
+    device = log_probs.device
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and _triton_available() else "torchaudio"
+    if backend == "triton":
+        if input_lengths.device.type == "cpu" and target_lengths.device.type == "cpu":
+            _read_lengths(log_probs.shape, input_lengths, target_lengths)
+        from .viterbi_triton import viterbi_path
+
+        path = viterbi_path(log_probs, input_lengths, target_lengths)
+    else:
+        path = _forced_align_paths(log_probs, input_lengths, target_lengths)
+    # a path through a NaN or -inf emission is marked as well; summed in float32 at least, since a
+    # half-precision sum over ~1000 frames can overflow
+    score = log_probs.gather(2, path.clamp(min=0)[..., None]).squeeze(-1)
+    score = score.to(torch.promote_types(score.dtype, torch.float32)).masked_fill(path < 0, 0.0).sum(1)
+    return path.masked_fill(~torch.isfinite(score)[:, None], -1)
+
+
+def _read_lengths(shape, input_lengths: Tensor, target_lengths: Tensor):
+    """[(input length, target length)] per utterance, read to the host; a ValueError names the first
+    utterance whose lengths do not fit log_probs of ``shape`` (B, T_in, C)."""
+    _, max_in, num_classes = shape
+    lengths = torch.stack([input_lengths.long(), target_lengths.long()], 1).tolist()
+    for b, (in_len, target_len) in enumerate(lengths):
+        if not (0 <= in_len <= max_in and 0 <= target_len < num_classes):
+            raise ValueError(
+                f"utterance {b}: input length {in_len} and target length {target_len} do not fit log_probs of shape "
+                f"{tuple(shape)}"
+            )
+    return lengths
+
+
+def _forced_align_paths(log_probs: Tensor, input_lengths: Tensor, target_lengths: Tensor) -> Tensor:
+    """viterbi_alignment through torchaudio's aligner, one call per utterance, before the check of
+    non-finite scores."""
     batch_size, max_in, num_classes = log_probs.shape
     device = log_probs.device
     path = torch.full((batch_size, max_in), -1, dtype=torch.long, device=device)
     if log_probs.dtype not in (torch.float32, torch.float64):
         log_probs = log_probs.float()  # the aligner takes float16 too, but CTC tails need float32
     targets = torch.arange(1, num_classes, device=device)[None]
-    for b, (in_len, target_len) in enumerate(torch.stack([input_lengths, target_lengths], 1).tolist()):
-        if not (0 <= in_len <= max_in and 0 <= target_len < num_classes):
-            raise ValueError(
-                f"utterance {b}: input length {in_len} and target length {target_len} do not fit log_probs of shape "
-                f"{tuple(log_probs.shape)}"
-            )
+    for b, (in_len, target_len) in enumerate(_read_lengths(log_probs.shape, input_lengths, target_lengths)):
         if in_len == 0 or in_len < target_len:
             continue
         if target_len == 0:
@@ -172,9 +223,21 @@ def viterbi_alignment(log_probs: Tensor, input_lengths: Tensor, target_lengths: 
             emissions, targets[:, :target_len], input_lengths[b : b + 1], target_lengths[b : b + 1], 0
         )
         path[b, :in_len] = aligned[0].clamp(0, target_len)  # on NaN scores its classes can be out of range
-    # the aligner returns some path even when every path has log-probability -inf or NaN
-    score = log_probs.gather(2, path.clamp(min=0)[..., None]).squeeze(-1).masked_fill(path < 0, 0.0).sum(1)
-    return path.masked_fill(~torch.isfinite(score)[:, None], -1)
+    # where no state at the end has a finite score, the aligner can backtrack through states it never
+    # computed and return classes that are no path of the target (with a finite sum): marked too
+    return path.masked_fill(~_is_target_path(path, target_lengths)[:, None], -1)
+
+
+def _is_target_path(path: Tensor, target_lengths: Tensor) -> Tensor:
+    """path (B, T_in) classes, -1 on padding -> (B,) bool: whether each row collapses to 1, 2, ...,
+    target_length: every label is a repeat of the previous frame's or the next one not yet emitted."""
+    if path.shape[1] == 0:
+        return target_lengths == 0
+    reached = path.clamp(min=0).cummax(1).values
+    before = F.pad(path[:, :-1], (1, 0), value=0)
+    reached_before = F.pad(reached[:, :-1], (1, 0), value=0)
+    allowed = (path <= 0) | (path == before) | (path == reached_before + 1)
+    return allowed.all(1) & (reached[:, -1] == target_lengths)
 
 
 def _hash32(x: Tensor) -> Tensor:
