@@ -9,7 +9,7 @@ APT_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k fest
 CORPUS_SIZE ?= small
 DEMO_SIZE ?= small
 
-.PHONY: setup sysdeps test corpus demo study clean
+.PHONY: setup sysdeps test corpus demo study paper clean
 
 setup: $(STAMP)
 
@@ -51,6 +51,14 @@ demo: setup sysdeps
 # seed vs SiamCTC vs continued pretraining, several seeds, probe and fine-tuning, intervals
 study: setup sysdeps
 	$(PY) examples/study/run_study.py
+
+# the paper's table 1 and figure 2 from LibriSpeech and the two public checkpoints, resumable; the
+# plan of GPU hours and disk comes first (examples/paper/README.md). More options in PAPER_ARGS,
+# e.g. PAPER_ARGS="--gpus 8 --finetune"
+paper: setup sysdeps
+	@test -n "$(LIBRISPEECH)" -a -n "$(HUBERT)" -a -n "$(WAVLM)" || { \
+	  echo "make paper: give LIBRISPEECH=folder HUBERT=hubert_base_ls960.pt WAVLM=wavlm_base.pt" >&2; exit 1; }
+	$(PY) examples/paper/run_paper.py --librispeech $(LIBRISPEECH) --hubert $(HUBERT) --wavlm $(WAVLM) $(PAPER_ARGS)
 
 clean:
 	rm -rf $(VENV) data results
