@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import re
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from tiny_checkpoints import tiny_hubert_checkpoint, tiny_wavlm_checkpoint
 
 REPO = PLUGIN_DIR.parent
 sys.path.insert(0, str(REPO / "examples" / "paper"))
-import plan  # noqa: E402
+import paper_plan as plan  # noqa: E402
 import run_paper  # noqa: E402
 
 # simple rates, so that every figure below can be followed by hand
@@ -50,7 +49,8 @@ def test_the_plan_is_the_hand_computation_on_a_synthetic_manifest(tmp_path):
     assert rows["manifests"].seconds == pytest.approx(7.0)
     assert rows["labels"].seconds == pytest.approx(3.0)
     assert rows["speed copies"].seconds == pytest.approx(10.0)
-    # the copies last 20/0.8 + 20/0.9 + 20/1.1 + 20/1.2 = 82.0707 s: 16-bit FLAC at 0.56 of 32,000 B/s, + 90 B/s of labels
+    # the copies last 20/0.8 + 20/0.9 + 20/1.1 + 20/1.2 = 82.0707 s: 16-bit FLAC at 0.56 of 32,000 B/s,
+    # and 90 B/s of labels
     assert rows["speed copies"].disk == pytest.approx(82.0707 * (32000 * 0.56 + 90), rel=1e-5)
     # SiamCTC: start + 10 updates x 2 s + 2 valid passes x 2 views x 10 s x 0.01 s/s; WavLM 1.5 x the work
     assert rows["siamctc hubert"].seconds == pytest.approx(30.4)
@@ -67,10 +67,13 @@ def test_the_plan_is_the_hand_computation_on_a_synthetic_manifest(tmp_path):
     assert probe.disk == pytest.approx(1200 * 152.0707, rel=1e-5) and probe.transient
     read = (14 * 384000 + 5 * 12000 + 122484.8) / 1e9
     assert probe.seconds == pytest.approx(10 + 152.0707 * 0.02 + 14 * 0.1 + read, rel=1e-6)
-    # fine-tuning: (10 frozen / 3 + 90) updates x 20 s x 0.001 s/s + 3 valid passes x 10 s x 0.01 s/s
-    assert rows["finetune hubert"].seconds == pytest.approx(10 + 1866.6667 * 0.001 + 0.3, rel=1e-6)
+    # fine-tuning: (10 frozen / 3 + 90) updates x 20 s x 0.001 s/s + 3 valid passes x 10 s x 0.01 s/s,
+    # a base encoder after an export (3 s) to fairseq's format
+    assert rows["finetune hubert_siamctc"].seconds == pytest.approx(10 + 1866.6667 * 0.001 + 0.3, rel=1e-6)
+    assert rows["finetune hubert"].seconds == pytest.approx(3 + 10 + 1866.6667 * 0.001 + 0.3, rel=1e-6)
     assert rows["finetune wavlm_siamctc"].seconds == pytest.approx(10 + 1.5 * (1.8666667 + 0.3), rel=1e-6)
-    assert rows["finetune hubert"].disk == 2 * 1000 * 12  # fp32 weights + Adam
+    assert rows["finetune hubert_siamctc"].disk == 2 * 1000 * 12  # 2 checkpoints of fp32 weights + Adam
+    assert rows["finetune hubert"].disk == 2 * 1000 * 12 + 4 * 1000  # and the exported base
     # decoding: 2 HuBERT models and 2 WavLM models (1.5 x) over the 102.0707 s of the five speeds
     assert rows["decode"].seconds == pytest.approx(10 + 5 * 102.0707 * 0.01, rel=1e-6)
 
@@ -153,7 +156,8 @@ def test_tiny_chain_writes_table_and_figure_then_skips_every_stage(tiny_corpus, 
     before = {p: p.stat().st_mtime_ns for p in [*stage_stamps, out / "paper.json"]}
     second, seconds = run(args, tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
-    statuses = re.findall(r"^(?:\S+(?: \S+)?)\s+CPU .*?\s(done|todo|partial|changed|foreign|skipped)\s", second.stdout, re.M)
+    statuses = re.findall(r"^(?:\S+(?: \S+)?)\s+CPU .*?\s(done|todo|partial|changed|foreign|skipped)\s",
+                          second.stdout, re.M)
     assert len(statuses) == 13 and set(statuses) == {"done", "skipped"}  # 12 stages, fine-tuning skipped
     assert "== " not in second.stdout  # no stage started
     assert {p: p.stat().st_mtime_ns for p in before} == before

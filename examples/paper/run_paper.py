@@ -18,11 +18,11 @@ Stages, the README's recipe ("The paper's recipe with real data") as one chain:
 8. report          table 1 and figure 2 with the paper's numbers beside: OUT/paper.md, paper.json, figure2.png.
 
 Before any work the plan is printed: each stage's estimated device time and disk from the corpus
-size and the rates of examples/paper/plan.py. Each stage records its inputs (content hashes of the
-files it reads, its settings) in WORK/stamps/ when it starts and again when it is done: a rerun
-skips finished stages, resumes an unfinished one (fairseq-hydra-train from its checkpoint_last.pt),
-and refuses, before any work, a stage whose recorded inputs differ from this run's, or whose
-outputs exist without a record, unless --force.
+size and the rates of examples/paper/paper_plan.py. Each stage records its inputs (content hashes
+of the files it reads, its settings) in WORK/stamps/ when it starts and again when it is done: a
+rerun skips finished stages, resumes an unfinished one (fairseq-hydra-train from its
+checkpoint_last.pt), and refuses, before any work, a stage whose recorded inputs differ from this
+run's, or whose outputs exist without a record, unless --force.
 """
 
 import argparse
@@ -44,8 +44,8 @@ sys.path.insert(0, str(REPO / "examples" / "demo"))
 sys.path.insert(0, str(HERE))
 from run_demo import BIN, Demo, flatten  # noqa: E402  (the demo's logged, echoing command runner)
 
-import plan as planning  # noqa: E402
-import report  # noqa: E402
+import paper_plan as planning  # noqa: E402
+import paper_report as report  # noqa: E402
 
 LEXICON = pathlib.Path("/usr/share/pocketsphinx/model/en-us/cmudict-en-us.dict")
 # our split name -> LibriSpeech's folder, and the built-in corpus's (make corpus) for --tiny
@@ -142,7 +142,7 @@ class Paper(Demo):
     """The stages and their records. Commands run through the demo's runner (``Demo.run``): a log per
     command in WORK/logs, fairseq's update lines echoed."""
 
-    def __init__(self, args):
+    def __init__(self, args):  # not the demo's: it would make the demo's folders
         self.args = args
         self.work, self.out = args.work, args.out
         self.logs = self.work / "logs"
@@ -176,7 +176,8 @@ class Paper(Demo):
 
     # -- inputs -----------------------------------------------------------------------------------
     def data(self, splits, labels=("tsv", "phn")) -> dict:
-        found = {f"{split}.{ext}": self.hashes.file(self.manifests / f"{split}.{ext}") for split in splits for ext in labels}
+        found = {f"{split}.{ext}": self.hashes.file(self.manifests / f"{split}.{ext}")
+                 for split in splits for ext in labels}
         found["dict.phn.txt"] = self.hashes.file(self.manifests / "dict.phn.txt")
         return found
 
@@ -193,7 +194,8 @@ class Paper(Demo):
             return []
         if kind == "siamctc":
             return [f"distributed_training.distributed_world_size={gpus}", f"dataset.batch_size={PAPER_BATCH // gpus}"]
-        return [f"distributed_training.distributed_world_size={gpus}", f"optimization.update_freq=[{PAPER_BATCH // gpus}]"]
+        return [f"distributed_training.distributed_world_size={gpus}",
+                f"optimization.update_freq=[{PAPER_BATCH // gpus}]"]
 
     def max_update(self, kind: str, name: str) -> int:
         return int(self.config(kind, name)["optimization"]["max_update"])
@@ -212,13 +214,16 @@ class Paper(Demo):
                   lambda replace: [[BIN / "siamctc-manifest", folder, "--dest", lists, "--split", split,
                                     *(["--force"] if replace else [])]
                                    for split, folder in self.split_folders().items()]),
-            Stage("labels", "labels", [m / f"{s}.{ext}" for s in SPLITS for ext in ("tsv", "phn")] + [m / "dict.phn.txt"],
+            Stage("labels", "labels",
+                  [m / f"{s}.{ext}" for s in SPLITS for ext in ("tsv", "phn")] + [m / "dict.phn.txt"],
                   lambda: {"audio_lists": {s: self.hashes.file(lists / f"{s}.tsv") for s in SPLITS},
                            "lexicon": self.hashes.file(args.lexicon), "on_oov": "skip"},
                   lambda replace: [[BIN / "siamctc-labels", *[lists / f"{s}.tsv" for s in SPLITS], "--lexicon",
-                                    args.lexicon, "--on-oov", "skip", "--out-dir", m, *(["--force"] if replace else [])]]),
+                                    args.lexicon, "--on-oov", "skip", "--out-dir", m,
+                                    *(["--force"] if replace else [])]]),
             Stage("speed copies", "speed", [m / f"{s}.{ext}" for s in self.test_splits()[1:] for ext in ("tsv", "phn")],
-                  lambda: {"test_clean": {ext: self.hashes.file(m / f"test_clean.{ext}") for ext in ("tsv", "wrd", "ltr", "phn")},
+                  lambda: {"test_clean": {ext: self.hashes.file(m / f"test_clean.{ext}")
+                                          for ext in ("tsv", "wrd", "ltr", "phn")},
                            "speeds": SPEED_FACTORS},
                   lambda replace: [[BIN / "siamctc-speed-testsets", m / "test_clean.tsv", "--audio-out",
                                     work / "test_clean_speed", "--speeds", *SPEED_FACTORS,
@@ -242,7 +247,8 @@ class Paper(Demo):
                 f"export {encoder}", "export", [self.checkpoint(f"{encoder}_siamctc")],
                 lambda last=last: {"checkpoint": self.hashes.file(last)},
                 lambda replace, encoder=encoder, last=last: [[
-                    BIN / "siamctc-export", last, self.checkpoint(f"{encoder}_siamctc"), *(["--force"] if replace else [])]]))
+                    BIN / "siamctc-export", last, self.checkpoint(f"{encoder}_siamctc"),
+                    *(["--force"] if replace else [])]]))
         for variant in VARIANTS:
             stages.append(Stage(
                 f"probe {variant}", "probe", [self.probe_json(variant)],
@@ -258,7 +264,7 @@ class Paper(Demo):
                                              "model": "wavlm_ctc" if variant.startswith("wavlm") else "hubert_ctc",
                                              "encoder": self.hashes.file(self.checkpoint(variant)),
                                              "data": self.data(["train", "valid"])},
-                    lambda replace, variant=variant: [self.finetune_command(variant)],
+                    lambda replace, variant=variant: self.finetune_commands(variant),
                     run_dir=self.finetuned(variant).parents[1], max_update=self.max_update("finetune", "phn_100h"),
                     gpu=True))
             stages.append(Stage(
@@ -293,12 +299,19 @@ class Paper(Demo):
             command += ["--cache-budget", self.args.cache_budget]
         return command + (["--force"] if replace else [])
 
-    def finetune_command(self, variant: str) -> list:
-        return [BIN / "fairseq-hydra-train", "--config-dir", REPO / "examples" / "finetune", "--config-name", "phn_100h",
-                f"task.data={self.manifests}", f"model.w2v_path={self.checkpoint(variant)}",
-                f"hydra.run.dir={self.finetuned(variant).parents[1]}",
-                *(["model._name=wavlm_ctc"] if variant.startswith("wavlm") else []),
-                *self.gpu_overrides("finetune"), *self.training_overrides("finetune")]
+    def finetune_commands(self, variant: str) -> List[list]:
+        """A base checkpoint goes through siamctc-export first, as the SiamCTC encoders did: fairseq's
+        fine-tuning then reads both in fairseq's format, whatever layout the base file had (s3prl's)."""
+        commands, encoder = [], self.checkpoint(variant)
+        if variant in ENCODERS:
+            encoder = self.work / "finetune" / f"{variant}.pt"
+            commands.append([BIN / "siamctc-export", "--force", self.checkpoint(variant), encoder])
+        return commands + [[
+            BIN / "fairseq-hydra-train", "--config-dir", REPO / "examples" / "finetune", "--config-name", "phn_100h",
+            f"task.data={self.manifests}", f"model.w2v_path={encoder}",
+            f"hydra.run.dir={self.finetuned(variant).parents[1]}",
+            *(["model._name=wavlm_ctc"] if variant.startswith("wavlm") else []),
+            *self.gpu_overrides("finetune"), *self.training_overrides("finetune")]]
 
     def report_inputs(self) -> dict:
         found = {"work": str(self.work), "probe": {v: self.hashes.file(self.probe_json(v)) for v in VARIANTS}}
@@ -432,7 +445,8 @@ class Paper(Demo):
                             continue
                         print(f"== {stage.name}: resuming from {stage.run_dir} ({updates or 0:,} updates)", flush=True)
                     else:
-                        print(f"== {stage.name} (estimate {planning.duration(estimates.get(stage.name, 0))})", flush=True)
+                        estimate = planning.duration(estimates.get(stage.name, 0))
+                        print(f"== {stage.name} (estimate {estimate})", flush=True)
                     self.write_stamp(stage.name, inputs, "started")
                     start = time.time()
                     if stage.function is not None:
@@ -461,7 +475,11 @@ class Paper(Demo):
 
     def start_next(self, entry, slot: int, threads: int, pin_gpu: bool) -> None:
         stage, command = entry[0], entry[2].pop(0)
-        name = stage.name.replace(" ", "_") + (f"_{command[command.index('--split') + 1]}" if "--split" in command else "")
+        name = stage.name.replace(" ", "_")
+        if "--split" in command:  # the manifests stage: a log per split
+            name += f"_{command[command.index('--split') + 1]}"
+        elif stage.group == "finetune" and pathlib.Path(command[0]).name == "siamctc-export":
+            name += "_export"
         log = self.logs / f"{name}.log"
         self.logs.mkdir(parents=True, exist_ok=True)
         if log.exists():  # keep an earlier attempt's log
@@ -608,7 +626,8 @@ def plan_settings(paper: Paper) -> planning.Settings:
     every = int(ft["dataset"].get("validate_interval_updates", 0) or 0)
     settings.finetune_updates = ft_updates
     settings.finetune_frozen = min(ft_updates, int(ft["model"].get("freeze_finetune_updates", 0)))
-    settings.finetune_batch_seconds = int(ft["dataset"]["max_tokens"]) / planning.SAMPLE_RATE * world * int(update_freq[0])
+    settings.finetune_batch_seconds = (int(ft["dataset"]["max_tokens"]) / planning.SAMPLE_RATE
+                                       * world * int(update_freq[0]))
     settings.finetune_fp16 = bool(ft["common"].get("fp16"))
     settings.finetune_valid_passes = (ft_updates - after) // every + 1 if every and not paper.args.tiny else 1
     return settings
@@ -653,7 +672,8 @@ def parse_args(argv=None):
     parser.add_argument("--librispeech", type=pathlib.Path,
                         help="LibriSpeech folder holding train-clean-100, dev-clean and test-clean (with --tiny, also "
                              "the built-in corpus's audio folder: train, dev, test)")
-    parser.add_argument("--hubert", type=pathlib.Path, required=True, help="HuBERT Base checkpoint (hubert_base_ls960.pt)")
+    parser.add_argument("--hubert", type=pathlib.Path, required=True,
+                        help="HuBERT Base checkpoint (hubert_base_ls960.pt)")
     parser.add_argument("--wavlm", type=pathlib.Path, required=True, help="WavLM Base checkpoint (wavlm_base.pt)")
     parser.add_argument("--out", type=pathlib.Path,
                         help="folder of the tables and figure (default: results/paper, with --tiny results/paper_tiny)")
@@ -664,9 +684,11 @@ def parse_args(argv=None):
                         help="GPUs of this machine to use: training runs on all of them, probes one per GPU "
                              "(1, 2, 4 or 8: the paper's 8 utterances a batch split evenly; default 1)")
     parser.add_argument("--finetune", action="store_true",
-                        help="also fine-tune the four encoders with fairseq's CTC recipe (phn_100h) and decode every speed")
+                        help="also fine-tune the four encoders with fairseq's CTC recipe (phn_100h) and decode "
+                             "every speed")
     parser.add_argument("--tiny", action="store_true",
-                        help="the chain on a CPU with tiny settings (the built-in corpus and tiny checkpoints): a check in minutes")
+                        help="the chain on a CPU with tiny settings (the built-in corpus and tiny checkpoints): "
+                             "a check in minutes")
     parser.add_argument("--plan-only", action="store_true", help="print the plan (with the rates it uses) and stop")
     parser.add_argument("--plan-from-manifests", type=pathlib.Path, metavar="DIR",
                         help="plan from the durations in DIR/{train,valid,test_clean}.tsv instead of the corpus "
@@ -677,9 +699,11 @@ def parse_args(argv=None):
                              "features (default: 50; ignored by a siamctc-probe without the option)")
     parser.add_argument("--keep-probe-cache", action="store_true",
                         help="keep each encoder's probe features (hundreds of GB on LibriSpeech) after its probe")
-    parser.add_argument("--probe-seeds", type=int, nargs="+", default=[1], help="probe head seeds per encoder (default: 1)")
+    parser.add_argument("--probe-seeds", type=int, nargs="+", default=[1],
+                        help="probe head seeds per encoder (default: 1)")
     parser.add_argument("--lexicon", type=pathlib.Path, default=LEXICON,
-                        help=f"pronunciation lexicon of the phoneme labels (default: {LEXICON}, Debian's pocketsphinx-en-us)")
+                        help=f"pronunciation lexicon of the phoneme labels (default: {LEXICON}, Debian's "
+                             "pocketsphinx-en-us)")
     parser.add_argument("--force", action="store_true",
                         help="rerun stages whose recorded inputs differ from this run's, and replace outputs found "
                              "without a record (finished stages with the same inputs are kept)")
@@ -689,7 +713,8 @@ def parse_args(argv=None):
     elif args.librispeech is None:
         parser.error("--librispeech is required (or --plan-from-manifests DIR for a plan alone)")
     if args.gpus not in (1, 2, 4, 8):
-        parser.error(f"--gpus {args.gpus}: the paper's batch of {PAPER_BATCH} must split evenly over the GPUs (1, 2, 4 or 8)")
+        parser.error(f"--gpus {args.gpus}: the paper's batch of {PAPER_BATCH} must split evenly over the GPUs "
+                     "(1, 2, 4 or 8)")
     if args.tiny and args.gpus != 1:
         parser.error("--tiny runs on the CPU; --gpus does not apply")
     if args.cache_budget is None:
@@ -732,7 +757,8 @@ def main(argv=None) -> int:
         paper.hashes.save()
         print(planning.format_plan(rows, title, args.gpus, args.tiny), flush=True)
         if args.plan_only:
-            print("Rates (examples/paper/plan.py):\n" + planning.format_rates(planning.RATES["tiny" if args.tiny else "paper"]))
+            rates = planning.RATES["tiny" if args.tiny else "paper"]
+            print("Rates (examples/paper/paper_plan.py):\n" + planning.format_rates(rates))
             return 0
         refused = [(s, st) for s in paper.stages for st in [paper.status(s)[0]] if st in ("changed", "foreign")]
         if refused and not args.force:
@@ -744,8 +770,8 @@ def main(argv=None) -> int:
                 import torch
 
                 if torch.cuda.device_count() < args.gpus:
-                    raise InputError(f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                                     "--tiny runs the chain on a CPU, --plan-only prints the plan")
+                    raise InputError(f"--gpus {args.gpus}: this machine has {torch.cuda.device_count()} CUDA "
+                                     "device(s); --tiny runs the chain on a CPU, --plan-only prints the plan")
             if any(row.status != "done" and not row.stage.startswith("report") for row in todo):
                 confirm(args)
             started = time.time()
@@ -757,6 +783,9 @@ def main(argv=None) -> int:
     except InputError as err:
         print(f"run_paper: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("run_paper: interrupted; the same command resumes where this run stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -67,26 +67,28 @@ RATES: Dict[str, Dict[str, Rate]] = {
                                   "assumed: a weighted sum and two linear layers over 32 utterances"),
         "cache_read": Rate(2.0, "GB per s read from the probe's feature cache", "assumed: an NVMe disk"),
     },
-    # measured on 2 cores by a --tiny run on the built-in tiny corpus with tests/tiny_checkpoints.py's
-    # models, two jobs side by side where a stage has two or more: each stage's seconds from its record
+    # measured on 2 cores by --tiny runs on the built-in tiny corpus with tests/tiny_checkpoints.py's
+    # models, two jobs side by side where a stage has two or more, each stage's seconds from its record:
+    # the stages took 23 s on the quiet machine and 46 s beside other work; the rates are the quiet
+    # run's x 1.4, so that the plan (29 s) is within a factor of 2 of either
     "tiny": {
         "start_tool": Rate(0.3, "s per start of a light tool", "measured: manifests (3 commands) 0.6 s, labels 0.6 s"),
-        "start_torch": Rate(2.5, "s per start of a tool that imports torch", "measured: speed copies 2.8 s"),
-        "export": Rate(7.0, "s per export", "measured: 7.4 s each, two side by side"),
-        "start_gpu": Rate(5.0, "s per training, probe or decoding command", "measured: fitted to the stages below"),
+        "start_torch": Rate(3.5, "s per start of a tool that imports torch", "measured: speed copies 2.6 s"),
+        "export": Rate(3.5, "s per export", "measured: 2.6 s each, two side by side"),
+        "start_gpu": Rate(4.0, "s per training, probe or decoding command", "fitted to the three stages below"),
         "manifest_file": Rate(0.001, "s per audio file", "as for the paper's run"),
         "labels_utt": Rate(0.005, "s per utterance", "as for the paper's run"),
         "speed_audio": Rate(0.0011, "s per second of test audio, per speed", "as for the paper's run"),
-        "siamctc_update": Rate(2.0, "s per SiamCTC update with the final validation and saves",
-                               "measured: 4 updates in 13.0 to 13.4 s, two runs side by side"),
-        "wavlm_factor": Rate(1.0, "x the tiny HuBERT's time", "measured: 13.0 s against 13.4 s"),
+        "siamctc_update": Rate(1.0, "s per SiamCTC update with the final validation and saves",
+                               "measured: 4 updates in 5.6 to 5.8 s, two runs side by side"),
+        "wavlm_factor": Rate(1.0, "x the tiny HuBERT's time", "measured: 5.6 s against 5.8 s"),
         "forward": Rate(0.002, "s per second of audio, a tiny encoder's forward",
                         "measured: decoding 4 models x 106 s of audio in 4 s, start included"),
-        "forward_single": Rate(0.025, "s per second of audio, a tiny encoder's features for the probe's cache",
-                               "measured: probes of 152 s of audio and 20 updates in 8.8 to 10.3 s, two side by side"),
+        "forward_single": Rate(0.0125, "s per second of audio, a tiny encoder's features for the probe's cache",
+                               "measured: probes of 152 s of audio and 20 updates in 4.2 to 4.6 s, two side by side"),
         "train_audio": Rate(0.01, "s per second of audio, forward and backward",
                             "measured: fine-tuning, 4 updates of 34 s of audio in 6 s, two side by side"),
-        "probe_head_update": Rate(0.05, "s per probe update on cached features", "measured with the probe above"),
+        "probe_head_update": Rate(0.02, "s per probe update on cached features", "measured with the probe above"),
         "cache_read": Rate(1.0, "GB per s read from the feature cache", "the page cache: negligible here"),
     },
 }
@@ -286,7 +288,8 @@ def plan_rows(splits: Dict[str, Split], encoders: Dict[str, Encoder], settings: 
                     + cache_bytes(encoder, test_all)) / (r["cache_read"] * GB)
             seconds = (r["start_gpu"] + f * (train.seconds + valid.seconds + test_all) * r["forward_single"]
                        + settings.probe_seeds * (steps * r["probe_head_update"] + read))
-            basis = (f"cached ({size(cache)}{'' if keep_cache else ', removed when done'}): features once, then {steps:,} updates "
+            removed = "" if keep_cache else ", removed when done"
+            basis = (f"cached ({size(cache)}{removed}): features once, then {steps:,} updates "
                      f"x {settings.probe_seeds} seed(s) reading {size(update_bytes)} each")
         else:
             audio = steps * settings.probe_batch * train.mean_seconds + settings.probe_evals * valid.seconds + test_all
@@ -305,12 +308,13 @@ def plan_rows(splits: Dict[str, Split], encoders: Dict[str, Encoder], settings: 
             audio = (settings.finetune_frozen / 3 + settings.finetune_updates - settings.finetune_frozen) * batch
             seconds = r["start_gpu"] + f * (audio * r["train_audio"]
                                             + settings.finetune_valid_passes * valid.seconds * r["forward"])
-            for variant in (name, f"{name}_siamctc"):
-                rows.append(Row(f"finetune {variant}", device, seconds,
-                                settings.finetune_checkpoints * checkpoint_bytes(encoder, settings.finetune_fp16),
-                                f"{settings.finetune_updates:,} updates x {batch:,.0f} s of audio x "
-                                f"{1000 * f * r['train_audio']:.2g} ms/s, the first {settings.finetune_frozen:,} "
-                                "encoder frozen", "finetune"))
+            checkpoints = settings.finetune_checkpoints * checkpoint_bytes(encoder, settings.finetune_fp16)
+            basis = (f"{settings.finetune_updates:,} updates x {batch:,.0f} s of audio x "
+                     f"{1000 * f * r['train_audio']:.2g} ms/s, the first {settings.finetune_frozen:,} encoder frozen")
+            # the base checkpoint is converted to fairseq's format first (an export)
+            rows.append(Row(f"finetune {name}", device, seconds + r["export"], checkpoints + 4.0 * encoder.params,
+                            basis + "; after an export", "finetune"))
+            rows.append(Row(f"finetune {name}_siamctc", device, seconds, checkpoints, basis, "finetune"))
         decode = r["start_gpu"] + sum(2 * factor[e.kind] for e in encoders.values()) * test_all * r["forward"]
         rows.append(Row("decode", device, decode, 1e6, f"4 models x test at 5 speeds ({hours(test_all)})"))
     rows.append(Row("report", "CPU", r["start_tool"], 1e5, "tables and figure"))
@@ -362,7 +366,8 @@ def size(num_bytes: float) -> str:
 def peak_disk(rows: Sequence[Row], slots: int) -> float:
     """Disk at the fullest moment: what the stages leave, and the largest transient ones that run side by side."""
     kept = sum(row.disk for row in rows if not row.transient and row.status != "skipped")
-    transient = sorted((row.disk for row in rows if row.transient and row.status not in ("done", "skipped")), reverse=True)
+    transient = sorted((row.disk for row in rows if row.transient and row.status not in ("done", "skipped")),
+                       reverse=True)
     return kept + sum(transient[:slots])
 
 
@@ -370,7 +375,8 @@ def format_plan(rows: Sequence[Row], title: str, gpus: int, tiny: bool) -> str:
     """The plan as a text table with totals."""
     width = max(len(row.stage) for row in rows)
     status_width = max([len(row.status) for row in rows] + [6])
-    lines = [title, "", f"{'stage':<{width}}  on   {'time':>8}  {'wall':>8}  {'disk':>8}  {'status':<{status_width}}  basis"]
+    lines = [title, "", f"{'stage':<{width}}  on   {'time':>8}  {'wall':>8}  {'disk':>8}  "
+                        f"{'status':<{status_width}}  basis"]
     for row in rows:
         lines.append(f"{row.stage:<{width}}  {row.device}  {duration(row.seconds):>8}  {duration(row.wall):>8}  "
                      f"{size(row.disk):>8}  {row.status:<{status_width}}  {row.basis}")
@@ -383,8 +389,9 @@ def format_plan(rows: Sequence[Row], title: str, gpus: int, tiny: bool) -> str:
     if tiny:
         lines.append(f"total{left}: {cpu_hours:.3f} CPU hours, {duration(wall)} wall; disk {size(disk)} at most")
     else:
-        lines.append(f"total{left}: {device_hours:.1f} GPU hours ({duration(wall)} wall on {gpus} GPU{'s' * (gpus > 1)}, "
-                     f"linear scaling assumed), {cpu_hours:.2f} CPU hours; disk {size(disk)} at most, beside the corpus")
+        lines.append(f"total{left}: {device_hours:.1f} GPU hours ({duration(wall)} wall on {gpus} "
+                     f"GPU{'s' * (gpus > 1)}, linear scaling assumed), {cpu_hours:.2f} CPU hours; disk "
+                     f"{size(disk)} at most, beside the corpus")
     return "\n".join(lines) + "\n"
 
 

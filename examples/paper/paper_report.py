@@ -79,7 +79,8 @@ def markdown(record: dict) -> str:
               "finetune": "fairseq's CTC fine-tuning of the whole encoder (phn_100h), greedy decoding"}
     for protocol, table in record["figure2"].items():
         lines += [f"## Figure 2: PER (%) against the speed factor, {titles[protocol]}", "",
-                  "| model | " + " | ".join(f"{s}x" for s in SPEEDS) + " | mean |", "|---|" + "---:|" * (len(SPEEDS) + 1)]
+                  "| model | " + " | ".join(f"{s}x" for s in SPEEDS) + " | mean |",
+                  "|---|" + "---:|" * (len(SPEEDS) + 1)]
         for name, rates in table.items():
             values = [rates[s] for s in SPEEDS]
             lines.append(f"| {NAMES[name]} | " + " | ".join(f"{v:.2f}" for v in values)
