@@ -85,9 +85,15 @@ def test_a_probe_over_the_cache_budget_streams_and_the_four_share_the_gpus(tmp_p
     assert hubert.seconds == pytest.approx(10 + 4632.0707 * 0.01, rel=1e-6)
     assert wavlm.seconds == pytest.approx(10 + 1.5 * 46.320707, rel=1e-6)
     assert hubert.disk == 0
-    # four probes on two GPUs: a HuBERT and a WavLM probe on each
-    walls = sum(rows[f"probe {v}"].wall for v in run_paper.VARIANTS)
-    assert walls == pytest.approx(hubert.seconds + wavlm.seconds, rel=1e-6)
+    # four probes on two GPUs: a HuBERT and a WavLM probe on each, each on one GPU for its whole time
+    probes = [rows[f"probe {v}"] for v in run_paper.VARIANTS]
+    assert [p.wall for p in probes] == [p.seconds for p in probes]
+    assert plan.total_wall(probes, gpus=2, cpu_jobs=0) == pytest.approx(hubert.seconds + wavlm.seconds, rel=1e-6)
+    # the whole plan on 2 GPUs: manifests, labels, speed copies, exports, decoding and report in turn;
+    # SiamCTC (30.4 + 40.6 s) and fine-tuning (15.1667 + 12.1667 + 16.25 + 13.25 s) halved; the probes
+    # 56.3207 + 79.4811 s on each GPU
+    expected = (7 + 3 + 10 + 2 * 3 + 15.103535 + 1) + (30.4 + 40.6) / 2 + 56.833333 / 2 + 135.801768
+    assert plan.total_wall(list(rows.values()), gpus=2, cpu_jobs=0) == pytest.approx(expected, rel=1e-6)
     # peak disk: what stays (checkpoints, copies, labels), the probes' caches never at once
     assert plan.peak_disk(list(rows.values()), 2) == pytest.approx(
         sum(r.disk for r in rows.values() if not r.transient))

@@ -199,7 +199,7 @@ class Row:
     disk: float  # bytes the stage leaves behind
     basis: str
     group: str = ""  # stages of one group may run side by side
-    wall: float = 0.0  # with the run's parallelism
+    wall: float = 0.0  # elapsed: a training on several GPUs takes less than its time on one
     status: str = ""
     transient: bool = False  # the disk is freed when the stage is done (the probe's feature cache)
 
@@ -323,25 +323,24 @@ def plan_rows(splits: Dict[str, Split], encoders: Dict[str, Encoder], settings: 
 
 
 def set_wall(rows: Sequence[Row], gpus: int, cpu_jobs: int) -> None:
-    """Each row's share of its group's wall time. On the CPU (``cpu_jobs``) a group's jobs run that
-    many at a time; on GPUs training runs on all of them (time / gpus) and probes one per GPU."""
+    """Each stage's elapsed time: a training on ``gpus`` GPUs takes its time divided by them (linear
+    scaling, an assumption); every other stage runs on one device."""
+    for row in rows:
+        row.wall = row.seconds / gpus if not cpu_jobs and row.group in ("siamctc", "finetune") else row.seconds
+
+
+def total_wall(rows: Sequence[Row], gpus: int, cpu_jobs: int) -> float:
+    """Elapsed time of the rows' stages, group after group: on the CPU (``cpu_jobs`` > 0) the stages of
+    a group run that many at a time; on GPUs the probes run one per GPU, everything else in turn."""
     groups: Dict[str, List[Row]] = {}
     for row in rows:
-        groups.setdefault(row.group, []).append(row)
+        groups.setdefault(row.group or row.stage, []).append(row)
+    total = 0.0
     for group, members in groups.items():
-        times = [row.seconds for row in members]
-        if not group:
-            wall = None
-        elif cpu_jobs:
-            wall = parallel_wall(times, cpu_jobs)
-        elif group == "probe":
-            wall = parallel_wall(times, gpus)
-        elif group in ("siamctc", "finetune"):
-            wall = sum(times) / gpus
-        else:
-            wall = sum(times)
-        for row in members:
-            row.wall = row.seconds if wall is None else wall * row.seconds / sum(times)
+        times = [row.wall for row in members]
+        slots = cpu_jobs if cpu_jobs else (gpus if group == "probe" else 1)
+        total += parallel_wall(times, slots)
+    return total
 
 
 def hours(seconds: float) -> str:
@@ -371,7 +370,7 @@ def peak_disk(rows: Sequence[Row], slots: int) -> float:
     return kept + sum(transient[:slots])
 
 
-def format_plan(rows: Sequence[Row], title: str, gpus: int, tiny: bool) -> str:
+def format_plan(rows: Sequence[Row], title: str, gpus: int, cpu_jobs: int = 0) -> str:
     """The plan as a text table with totals."""
     width = max(len(row.stage) for row in rows)
     status_width = max([len(row.status) for row in rows] + [6])
@@ -383,10 +382,10 @@ def format_plan(rows: Sequence[Row], title: str, gpus: int, tiny: bool) -> str:
     todo = [row for row in rows if row.status not in ("done", "skipped")]
     device_hours = sum(row.seconds for row in todo if row.device == "GPU") / 3600
     cpu_hours = sum(row.seconds for row in todo if row.device == "CPU") / 3600
-    wall = sum(row.wall for row in todo)
-    disk = peak_disk(rows, 2 if tiny else min(gpus, 4))
+    wall = total_wall(todo, gpus, cpu_jobs)
+    disk = peak_disk(rows, cpu_jobs or gpus)
     left = " (left to do)" if len(todo) < len([row for row in rows if row.status != "skipped"]) else ""
-    if tiny:
+    if cpu_jobs:
         lines.append(f"total{left}: {cpu_hours:.3f} CPU hours, {duration(wall)} wall; disk {size(disk)} at most")
     else:
         lines.append(f"total{left}: {device_hours:.1f} GPU hours ({duration(wall)} wall on {gpus} "

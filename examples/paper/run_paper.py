@@ -54,6 +54,7 @@ BUILTIN_SPLITS = {"train": "train", "valid": "dev", "test_clean": "test"}
 ENCODERS = {"hubert": "hubert_base", "wavlm": "wavlm_base"}  # base encoder -> its SiamCTC config
 VARIANTS = ("hubert", "hubert_siamctc", "wavlm", "wavlm_siamctc")
 SPEED_FACTORS = ("0.8", "0.9", "1.1", "1.2")
+CPU_JOBS = 2  # --tiny: stages of a group two at a time, one thread each (the 2-core machine's best)
 PAPER_BATCH = 8  # utterances a SiamCTC batch (hubert_base.yaml), GPUs of the fine-tuning batch (phn_100h.yaml)
 
 # --tiny: the chain on a CPU in minutes; the settings shrink the schedules only
@@ -420,7 +421,7 @@ class Paper(Demo):
 
     def slots(self, group: str) -> int:
         if self.args.tiny:
-            return 2  # the 2-core machine's best: two one-thread jobs
+            return CPU_JOBS
         return min(self.args.gpus, 4) if group == "probe" else 1
 
     def run_wave(self, todo, slots: int, estimates: Dict[str, float]) -> None:
@@ -643,7 +644,7 @@ def make_plan(paper: Paper, manifests_dir: Optional[pathlib.Path] = None):
         settings.finetune_batch_seconds = min(settings.finetune_batch_seconds, splits["train"].seconds)
     streaming = probe_has_cache_budget()
     rows = planning.plan_rows(splits, encoders, settings, planning.RATES["tiny" if args.tiny else "paper"],
-                              gpus=1 if args.tiny else args.gpus, cpu_jobs=2 if args.tiny else 0,
+                              gpus=1 if args.tiny else args.gpus, cpu_jobs=CPU_JOBS if args.tiny else 0,
                               cache_budget_gb=args.cache_budget if streaming else None, streaming=streaming,
                               audio_files=files, keep_cache=args.keep_probe_cache)
     statuses = {}
@@ -755,7 +756,7 @@ def main(argv=None) -> int:
         paper = Paper(args)
         rows, title = make_plan(paper, args.plan_from_manifests)
         paper.hashes.save()
-        print(planning.format_plan(rows, title, args.gpus, args.tiny), flush=True)
+        print(planning.format_plan(rows, title, args.gpus, CPU_JOBS if args.tiny else 0), flush=True)
         if args.plan_only:
             rates = planning.RATES["tiny" if args.tiny else "paper"]
             print("Rates (examples/paper/paper_plan.py):\n" + planning.format_rates(rates))
