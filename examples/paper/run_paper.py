@@ -767,7 +767,7 @@ def main(argv=None) -> int:
             raise InputError(paper.refusal(*refused[0]) + more)
         todo = [row for row in rows if row.status not in ("done", "skipped")]
         if todo:
-            if not args.tiny:
+            if not args.tiny and any(row.device == "GPU" for row in todo):
                 import torch
 
                 if torch.cuda.device_count() < args.gpus:
