@@ -38,8 +38,12 @@ sysdeps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# pytest-xdist: the slow tests (whole training chains in subprocesses) spread over the cores;
+# worksteal evens out their very unequal lengths. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 test: setup sysdeps
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal tests
 
 corpus: setup sysdeps
 	$(PY) -m siamctc_manifests.builtin_corpus --size $(CORPUS_SIZE) \
