@@ -276,7 +276,7 @@ class HiddenStates:
     hooks during one pass, one utterance at a time (no batch padding)."""
 
     def __init__(self, checkpoint, device="cpu"):
-        from fairseq_siamctc.cli.extract_features import FeatureExtractor
+        from fairseq_siamctc.features import FeatureExtractor
 
         self.extractor = FeatureExtractor(checkpoint, device=device)
         self.layers = self.extractor.encoder.encoder.layers

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fairseq_siamctc.cli import probe as probe_cli
-from fairseq_siamctc.cli.extract_features import FeatureExtractor
+from fairseq_siamctc.features import FeatureExtractor
 from fairseq_siamctc.probe import (
     BLANK,
     FeatureCache,

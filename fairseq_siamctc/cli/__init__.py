@@ -1,12 +1,8 @@
 """Console scripts."""
 
-import torch
-
 from .console import quiet
 
 quiet()
 
-
-def default_device() -> str:
-    """The device every tool that runs a model uses unless told: CUDA when present."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+# the library's, kept importable from here: the console scripts and their tests use this name
+from fairseq_siamctc.features import default_device  # noqa: E402,F401

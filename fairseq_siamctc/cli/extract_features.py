@@ -27,117 +27,25 @@ labels are matched to the manifest by line).
 """
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import soundfile as sf
-import torch
 from tqdm import tqdm
 
-from fairseq_siamctc.cli import default_device
-from fairseq_siamctc.data.audio import read_audio
-from fairseq_siamctc.data.paired_audio_dataset import normalize_waveform, read_manifest
-from fairseq_siamctc.models.checkpoints import SIAMCTC, CheckpointError, read_checkpoint
-from fairseq_siamctc.models.formats import write_file_atomically
-from fairseq_siamctc.models.encoders import (
-    encoder_features,
-    frame_count,
-    hubert_projection,
-    load_encoder,
-    normalizes_audio,
-    num_layers,
+# the extractor lives in the library; its names stay importable from here
+from fairseq_siamctc.features import (  # noqa: F401
+    PROJECTION_DIM,
+    FeatureExtractor,
+    audio_files,
+    default_device,
+    features_of,
+    write_kmeans_shard,
 )
-from fairseq_siamctc.models.siamctc import SiamCTCModel, SiamCTCModelConfig
-
-PROJECTION_DIM = SiamCTCModelConfig.projection_dim
-
-
-class FeatureExtractor:
-    """One utterance (S,) waveform at 16 kHz -> (T, D) features of the chosen layer (or projected)."""
-
-    def __init__(self, checkpoint_path, layer: Optional[int] = None, projected: bool = False, device: str = "cpu"):
-        checkpoint = read_checkpoint(checkpoint_path)
-        projection: Optional[Callable] = None
-        if checkpoint.kind == SIAMCTC:
-            model = SiamCTCModel.from_checkpoint(checkpoint).to(device)  # its own projection too
-            record, encoder = model.record, model.encoder
-            if projected:
-                trained_layer = model.cfg.feature_layer
-                if layer is not None and layer != (trained_layer or num_layers(encoder)):
-                    raise ValueError(
-                        f"--projected: the projection of {checkpoint_path} was trained on layer "
-                        f"{trained_layer or num_layers(encoder)}, not --layer {layer}"
-                    )
-                layer, projection = trained_layer, model.project
-        else:
-            record, encoder = load_encoder(checkpoint)
-            if projected and "projection.weight" in checkpoint.state.get("hf_heads", {}):
-                # a Hugging Face export of a SiamCTC run: its trained projection is in the side file
-                layer, projection = _side_file_projection(checkpoint, layer, num_layers(encoder))
-            elif projected:
-                own = hubert_projection(encoder, PROJECTION_DIM)
-                if own is None:
-                    raise ValueError(
-                        f"--projected: {checkpoint_path} ({checkpoint.kind}, {checkpoint.format}) has no "
-                        f"{PROJECTION_DIM}-dimensional projection of its own; use a SiamCTC checkpoint"
-                    )
-                if layer is not None and layer != num_layers(encoder):
-                    raise ValueError(f"--projected: HuBERT's final_proj applies to the last layer ({num_layers(encoder)}), not --layer {layer}")
-                projection = own
-        if layer is not None and not 1 <= layer <= num_layers(encoder):
-            raise ValueError(f"--layer must be between 1 and {num_layers(encoder)} for {checkpoint_path}, got {layer}")
-        self.kind = checkpoint.kind
-        self.encoder = encoder.to(device).eval()
-        self.projection = projection if not isinstance(projection, torch.nn.Module) else projection.to(device)
-        self.layer = layer
-        self.normalize = normalizes_audio(record)
-        self.device = device
-
-    @torch.inference_mode()
-    def __call__(self, wav: np.ndarray) -> np.ndarray:
-        if self.normalize:
-            wav = normalize_waveform(wav)
-        if frame_count(self.encoder, len(wav)) < 1:
-            raise ValueError(f"{len(wav)} samples is shorter than one frame of the encoder")
-        source = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32)).to(self.device)[None]
-        x, _ = encoder_features(self.encoder, source, None, output_layer=self.layer)
-        if self.projection is not None:
-            x = self.projection(x)
-        return x[0].float().cpu().numpy()
-
-
-def _side_file_projection(checkpoint, layer: Optional[int], n_layers: int):
-    """(layer, projection) of the SiamCTC projection kept beside a Hugging Face export."""
-    heads, metadata = checkpoint.state["hf_heads"], checkpoint.state.get("hf_metadata", {})
-    trained_layer = metadata.get("feature_layer")
-    if layer is not None and layer != (trained_layer or n_layers):
-        raise ValueError(f"--projected: the projection of {checkpoint.path} was trained on layer {trained_layer or n_layers}, not --layer {layer}")
-    weight, bias = heads["projection.weight"], heads["projection.bias"]
-    projection = torch.nn.Linear(weight.size(1), weight.size(0))
-    projection.load_state_dict({"weight": weight, "bias": bias})
-    return trained_layer, projection.eval()
-
-
-def audio_files(inputs: List[str]) -> List[Path]:
-    """Audio paths from audio files and wav2vec ``.tsv`` manifests; an error names a missing file."""
-    files = []
-    for item in inputs:
-        if item.endswith(".tsv"):
-            manifest = read_manifest(item)
-            for name, line in zip(manifest.files, manifest.line_numbers):
-                path = Path(manifest.root) / name
-                if not path.is_file():
-                    raise FileNotFoundError(f"{item}:{line}: audio file not found: {path}")
-                files.append(path)
-        elif not Path(item).is_file():
-            raise FileNotFoundError(f"audio file not found: {item}")
-        else:
-            files.append(Path(item))
-    return files
+from fairseq_siamctc.models.checkpoints import CheckpointError
+from fairseq_siamctc.models.formats import write_file_atomically
 
 
 def output_names(files: List[Path]) -> List[str]:
@@ -171,14 +79,6 @@ def unreadable(files: List[Path]) -> List[Tuple[Path, str]]:
     return bad
 
 
-def features_of(extractor: FeatureExtractor, path: Path) -> np.ndarray:
-    wav = read_audio(path)
-    try:
-        return extractor(wav).astype(np.float32)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
-
-
 def save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:  # through a handle: np.save would append .npy to the temporary's name
         np.save(f, array)
@@ -198,33 +98,6 @@ def write_npy_files(extractor, files: List[Path], names: List[str], out: Path, f
         write_file_atomically(out / name, lambda temporary: save_npy(temporary, features), force=True)
         written += 1
     return written, skipped
-
-
-def write_kmeans_shard(extractor, files: List[Path], feat_path: Path, len_path: Path) -> int:
-    """fairseq simple_kmeans' ``.npy`` + ``.len`` of ``files``, renamed into place only when complete."""
-    from npy_append_array import NpyAppendArray
-
-    temporaries = []
-    try:
-        for path in (feat_path, len_path):
-            handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(handle)
-            temporaries.append(name)
-        os.unlink(temporaries[0])  # NpyAppendArray creates the array file itself
-        lengths = []
-        with NpyAppendArray(temporaries[0]) as array:
-            for path in tqdm(files, desc="features", unit="file", disable=None):
-                features = features_of(extractor, path)
-                array.append(np.ascontiguousarray(features))
-                lengths.append(len(features))
-        Path(temporaries[1]).write_text("".join(f"{n}\n" for n in lengths))
-        os.replace(temporaries[0], feat_path)
-        os.replace(temporaries[1], len_path)
-        return sum(lengths)
-    finally:
-        for name in temporaries:
-            if os.path.exists(name):
-                os.unlink(name)
 
 
 def main(argv=None) -> int:

@@ -75,8 +75,7 @@ def dump_kmeans_units(
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
         features = f"{work}/features"
         if checkpoint is not None:
-            from fairseq_siamctc.cli import default_device
-            from fairseq_siamctc.cli.extract_features import FeatureExtractor, audio_files, write_kmeans_shard
+            from fairseq_siamctc.features import FeatureExtractor, audio_files, default_device, write_kmeans_shard
 
             extractor = FeatureExtractor(checkpoint, layer, device=default_device())
             Path(features).mkdir()
