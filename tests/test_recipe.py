@@ -1,8 +1,8 @@
-"""README's "The paper's recipe with real data": every command as printed, on the built-in tiny corpus.
+"""docs/recipe.md's "The paper's recipe with real data": every command as printed, on the built-in tiny corpus.
 
-The commands are read from README.md itself; only the placeholders that the README names are
+The commands are read from docs/recipe.md itself; only the placeholders that the page names are
 replaced (LibriSpeech's folders by the tiny corpus's, the public checkpoints by tiny ones of the same
-formats), and `+cpu=check` is added to each fairseq-hydra-train command, as the README says to on a
+formats), and `+cpu=check` is added to each fairseq-hydra-train command, as the page says to on a
 CPU. The commands run in a folder of their own, with relative paths, as a user would type them.
 """
 
@@ -19,13 +19,15 @@ from conftest import PLUGIN_DIR, needs_corpus_packages
 from tiny_checkpoints import tiny_hubert_checkpoint, tiny_wavlm_checkpoint
 
 REPO = PLUGIN_DIR.parent
+RECIPE = REPO / "docs" / "recipe.md"
 SECTION = "## The paper's recipe with real data"
 
 
-def recipe_commands(readme: str) -> list:
-    """The shell commands of the README section SECTION, one argument list per command, in order."""
-    section = readme[readme.index(SECTION):]
-    section = section[: section.index("\n## ", len(SECTION))]
+def recipe_commands(page: str) -> list:
+    """The shell commands of the section SECTION, one argument list per command, in order."""
+    section = page[page.index(SECTION):]
+    end = section.find("\n## ", len(SECTION))
+    section = section[:end] if end >= 0 else section
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -35,8 +37,8 @@ def recipe_commands(readme: str) -> list:
     return commands
 
 
-def test_readme_recipe_is_parsed_into_the_commands_it_prints():
-    commands = recipe_commands((REPO / "README.md").read_text())
+def test_recipe_is_parsed_into_the_commands_it_prints():
+    commands = recipe_commands(RECIPE.read_text())
     tools = [c[0] for c in commands]
     assert tools == ["siamctc-manifest"] * 3 + ["siamctc-labels", "siamctc-speed-testsets"] + \
         ["fairseq-hydra-train"] * 2 + ["siamctc-export"] + ["fairseq-hydra-train"] * 2 + \
@@ -47,7 +49,7 @@ def test_readme_recipe_is_parsed_into_the_commands_it_prints():
 
 
 @needs_corpus_packages
-def test_readme_recipe_runs_as_printed_on_the_tiny_corpus(tiny_corpus, tmp_path):
+def test_recipe_runs_as_printed_on_the_tiny_corpus(tiny_corpus, tmp_path):
     corpus, _ = tiny_corpus
     # the tiny checkpoints stand in for the public ones; 128 dims keep the finetuning config's channel
     # masking (prob 0.5, length 64) at one span or more
@@ -69,7 +71,7 @@ def test_readme_recipe_runs_as_printed_on_the_tiny_corpus(tiny_corpus, tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     bin_dir = pathlib.Path(sys.executable).parent
 
-    commands = recipe_commands((REPO / "README.md").read_text())
+    commands = recipe_commands(RECIPE.read_text())
     for words in commands:
         args = []
         for word in words:
