@@ -1,8 +1,7 @@
 """SUPERB's phoneme recognition (PR) protocol on a frozen encoder: the paper's evaluation.
 
-The encoder is never trained. Its hidden states (the input to the first transformer layer and the
-output of every layer) are computed once per (checkpoint, split) and cached on disk; a small head
-is then trained on them with CTC over the phoneme dictionary:
+The encoder is never trained. A small head is trained with CTC over the phoneme dictionary on its
+hidden states (the input to the first transformer layer and the output of every layer):
 
     softmax-weighted sum of the L + 1 hidden states -> Linear(D, 256) -> Linear(256, V)
 
@@ -13,16 +12,42 @@ norm clipped to 1, the dev PER measured every ``eval_step`` updates and the best
 the number of updates (100,000 there) is scaled to the data. Decoding is greedy CTC, and the PER
 is summed over a split (edit distances over reference lengths), as SUPERB computes it.
 
-The pure functions (weighted sum, head, greedy decoding, error counts) take tensors in and give
-tensors out; ``train_probe`` is the training loop on in-memory or memory-mapped features, and
-``FeatureCache`` the on-disk cache. ``fairseq_siamctc.cli.probe`` is the command-line shell.
+Two modes give the head the same inputs, the hidden states rounded to float16:
+
+* cached: every split's hidden states are extracted once per (checkpoint, split), in batches,
+  into an on-disk cache (``FeatureCache``, float16 (frames, L + 1, D)), and the head trains on
+  the memory-mapped cache; another seed costs only the head's training. For small sets.
+* streaming: the frozen encoder runs inside the head's training loop on each batch of utterances
+  (``StreamedSplit``), as s3prl runs its upstream; dev selection and the test PER extract on the
+  fly too. Nothing is written to disk: for LibriSpeech, whose train-clean-100 alone would be a
+  361 GB cache for a 12-layer, 768-dimensional encoder.
+
+``probe_checkpoint`` picks the mode from the cache's estimated size (``cache_bytes``, exact from the
+manifests' lengths) against a budget (``choose_mode``). In a batch, the utterances are padded and
+the encoder gets the padding mask (its features of an utterance equal, to float rounding, those of
+the utterance alone; see ``fairseq_siamctc.models.encoders``); the padded frames of every hidden
+state are set to zero and lie beyond each utterance's frame count, which is all the CTC loss and the
+decoding read, so padding never reaches the head's loss. On CUDA the encoder runs under autocast
+(bf16 where supported, else fp16); the head always trains in float32.
+
+Resuming: with an output folder, each seed's run state (head, optimizer, update, best dev PER and
+its head, the batch order's random state) is saved after every evaluation to
+``OUT/probe_seed{seed}.pt`` (a temporary file renamed into place), and a run of the same settings
+resumes from it, giving the same updates, bit for bit, as a run never stopped.
+
+One process, one device: several GPUs run several probes (one encoder each) side by side; the head's
+updates are sequential, so the probe itself is not data-parallel.
+
+The pure functions (weighted sum, head, greedy decoding, error counts, cache size, mode) take
+values in and give values out; ``train_probe`` is the training loop on any split source (cached or
+streamed); ``fairseq_siamctc.cli.probe`` is the command-line shell.
 """
 
-import copy
 import hashlib
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -34,6 +59,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 BLANK = 0  # the head's class 0 is CTC's blank; phoneme k of the dictionary is class k + 1
+MODES = ("auto", "cached", "streaming")
+DEFAULT_CACHE_BUDGET_GB = 50.0
+GB = 1e9
+EXTRACT_BATCH = 16  # utterances per encoder pass when filling the cache or evaluating
 
 
 @dataclass
@@ -109,7 +138,146 @@ def error_rate(errors: np.ndarray, lengths: np.ndarray) -> float:
     return 100.0 * float(np.sum(errors)) / total
 
 
-# -- data: features of a split and its phoneme labels ---------------------------------------------
+# -- the cache's size and the mode -----------------------------------------------------------------
+
+def cache_bytes(num_frames: int, num_states: int, dim: int) -> int:
+    """Bytes of the float16 hidden states of ``num_frames`` frames: (frames, L + 1, D), 2 bytes each."""
+    return int(num_frames) * int(num_states) * int(dim) * 2
+
+
+def choose_mode(mode: str, estimate: int, budget_gb: float, on_disk: bool = False) -> str:
+    """``cached`` or ``streaming``: ``auto`` caches when the cache is on disk already or its
+    estimated size (bytes) is within ``budget_gb`` (10^9 bytes), and streams otherwise."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if budget_gb < 0:
+        raise ValueError(f"the cache budget must be at least 0 GB, got {budget_gb:g}")
+    if mode != "auto":
+        return mode
+    return "cached" if on_disk or estimate <= budget_gb * GB else "streaming"
+
+
+def length_sorted_chunks(lengths: np.ndarray, size: int) -> List[np.ndarray]:
+    """Utterance indices, longest first (ties in manifest order), in chunks of ``size``: the batches
+    of extraction and evaluation, the same in both modes (so their valid and test inputs agree)."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i: i + size] for i in range(0, len(order), size)]
+
+
+# -- hidden states of a frozen encoder --------------------------------------------------------------
+
+class HiddenStates:
+    """A frozen encoder of any kind ``siamctc-extract-features`` reads -> its L + 1 hidden states.
+
+    Hidden state 0 is the input to the first transformer layer, state l the output of layer l (of
+    pre-LN models without the final layer norm), as s3prl's ``hidden_states``. Captured by forward
+    hooks during one pass over a padded batch with its padding mask."""
+
+    def __init__(self, checkpoint, device="cpu"):
+        from fairseq_siamctc.features import FeatureExtractor
+        from fairseq_siamctc.models.encoders import encoder_dim
+        from fairseq_siamctc.models.wavlm import WavLM
+
+        self.extractor = FeatureExtractor(checkpoint, device=device)
+        self.encoder = self.extractor.encoder
+        self.layers = self.encoder.encoder.layers
+        self.num_states = len(self.layers) + 1
+        self.dim = encoder_dim(self.encoder)
+        self.device = torch.device(device)
+        self.batch_first = isinstance(self.encoder, WavLM)  # fairseq's layers take (T, B, D), WavLM's (B, T, D)
+
+    def frames(self, num_samples: int) -> int:
+        from fairseq_siamctc.models.encoders import frame_count
+
+        return frame_count(self.encoder, num_samples)
+
+    @torch.no_grad()  # not inference_mode: streamed states go on into the head's autograd graph
+    def batch(self, wavs: Sequence[np.ndarray],
+              dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+        """B waveforms (S_b,) at 16 kHz -> hidden (B, L + 1, T, D) of ``dtype`` on the encoder's
+        device, zero at each utterance's padded frames, and frame counts (B,) int64 (T their maximum)."""
+        from fairseq_siamctc.data.paired_audio_dataset import normalize_waveform, pad_waveforms
+        from fairseq_siamctc.features import inference_autocast
+        from fairseq_siamctc.models.encoders import encoder_features
+
+        frames = [self.frames(len(wav)) for wav in wavs]
+        for wav, n in zip(wavs, frames):
+            if n < 1:
+                raise ValueError(f"{len(wav)} samples is shorter than one frame of the encoder")
+        if self.extractor.normalize:  # per utterance, before padding
+            wavs = [normalize_waveform(wav) for wav in wavs]
+        source, padding_mask = pad_waveforms([torch.from_numpy(np.asarray(w, dtype=np.float32)) for w in wavs])
+        source, padding_mask = source.to(self.device), padding_mask.to(self.device)
+        captured: List[torch.Tensor] = []
+
+        def keep(x):  # -> (B, T', D); fairseq pads T' to a multiple of its required_seq_len_multiple
+            captured.append((x if self.batch_first else x.transpose(0, 1)).to(dtype))
+
+        handles = [self.layers[0].register_forward_pre_hook(lambda m, args: keep(args[0]))]
+        handles += [layer.register_forward_hook(lambda m, args, out: keep(out[0] if isinstance(out, tuple) else out))
+                    for layer in self.layers]
+        try:
+            with inference_autocast(self.device):
+                encoder_features(self.encoder, source, padding_mask)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(captured) != self.num_states:
+            raise RuntimeError(f"captured {len(captured)} hidden states, expected {self.num_states}")
+        longest = max(frames)
+        hidden = torch.stack([h[:, :longest] for h in captured], dim=1)
+        del captured
+        lengths = torch.tensor(frames, dtype=torch.int64, device=self.device)
+        padded = torch.arange(longest, device=self.device)[None, :] >= lengths[:, None]  # (B, T)
+        return hidden.masked_fill_(padded[:, None, :, None], 0), lengths
+
+    def __call__(self, wav: np.ndarray) -> np.ndarray:
+        """One utterance (S,) -> (T, L + 1, D) float32 on the host."""
+        hidden, _ = self.batch([wav])
+        return hidden[0].transpose(0, 1).float().cpu().numpy()
+
+
+class AudioReader:
+    """Reads utterances on background threads, so that the next batch's audio is decoded while the
+    encoder runs on this one (libsndfile and soxr release the GIL)."""
+
+    def __init__(self, workers: int = 4, keep: int = 2):
+        self.workers, self.keep = workers, keep
+        self.pool: Optional[ThreadPoolExecutor] = None
+        self.pending: Dict[tuple, list] = {}
+
+    def _submit(self, paths):
+        from fairseq_siamctc.data.audio import read_audio
+
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="probe-audio")
+        return [self.pool.submit(read_audio, path) for path in paths]
+
+    def prefetch(self, paths: Sequence[Path]) -> None:
+        key = tuple(paths)
+        if key not in self.pending:
+            while len(self.pending) >= self.keep:  # a batch never asked for (the run stopped): drop it
+                self.pending.pop(next(iter(self.pending)))
+            self.pending[key] = self._submit(paths)
+
+    def read(self, paths: Sequence[Path], where: Optional[Sequence[str]] = None) -> List[np.ndarray]:
+        """The waveforms of ``paths``; an error is prefixed with the file's ``where`` (a manifest line)."""
+        futures = self.pending.pop(tuple(paths), None) or self._submit(paths)
+        wavs = []
+        for i, future in enumerate(futures):
+            try:
+                wavs.append(future.result())
+            except (ValueError, OSError) as err:
+                raise ValueError(f"{where[i]}: {err}" if where else str(err)) from err
+        return wavs
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool, self.pending = None, {}
+
+
+# -- the splits: cached features or audio streamed through the encoder ------------------------------
 
 @dataclass
 class SplitFeatures:
@@ -123,12 +291,23 @@ class SplitFeatures:
     def __len__(self):
         return len(self.lengths)
 
+    @property
+    def num_states(self) -> int:
+        return int(self.frames.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.frames.shape[2])
+
     @classmethod
     def from_list(cls, utterances: Sequence[np.ndarray]) -> "SplitFeatures":
         """From per-utterance (T_u, L, D) arrays (tests, small data)."""
         lengths = np.array([len(u) for u in utterances], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         return cls(np.concatenate(utterances, axis=0), offsets, lengths)
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Nothing to do: the page cache reads ahead."""
 
     def batch(self, indices: Sequence[int], device) -> Tuple[torch.Tensor, torch.Tensor]:
         """-> hidden (B, L, T_max, D) float32 zero-padded, frame lengths (B,)."""
@@ -141,6 +320,57 @@ class SplitFeatures:
         hidden = torch.from_numpy(out).to(device).transpose(1, 2)
         return hidden, torch.from_numpy(lengths).to(device)
 
+
+class StreamedSplit:
+    """The utterances of a manifest, whose hidden states the encoder computes when a batch asks for
+    them: ``SplitFeatures``' interface (``len``, ``lengths``, ``num_states``, ``dim``, ``batch``,
+    ``prefetch``) without the disk. ``lengths`` are frame counts from the manifest's sample counts."""
+
+    def __init__(self, states: HiddenStates, manifest, reader: Optional[AudioReader] = None):
+        from fairseq_siamctc.data.paired_audio_dataset import read_manifest
+
+        entries = read_manifest(str(manifest))
+        self.manifest, self.states = Path(manifest), states
+        self.reader = reader or AudioReader()
+        self.paths = [Path(entries.root) / name for name in entries.files]
+        self.line_numbers = list(entries.line_numbers)
+        self.lengths = np.array([states.frames(int(n)) for n in entries.num_samples], dtype=np.int64)
+        for path, line, n in zip(self.paths, self.line_numbers, self.lengths):
+            if n < 1:
+                raise ValueError(f"{manifest}:{line}: {path.name} is shorter than one frame of the encoder")
+        self.num_states, self.dim = states.num_states, states.dim
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        self.reader.prefetch([self.paths[u] for u in indices])
+
+    def hidden16(self, indices: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> hidden (B, L + 1, T_max, D) float16 on the encoder's device (as the cache stores them;
+        zero at padded frames), frame lengths (B,). Errors name the manifest line and file."""
+        wavs = self.reader.read([self.paths[u] for u in indices],
+                                [f"{self.manifest}:{self.line_numbers[u]}" for u in indices])
+        for u, wav in zip(indices, wavs):
+            if self.states.frames(len(wav)) != self.lengths[u]:
+                raise ValueError(f"{self.manifest}:{self.line_numbers[u]}: {self.paths[u]} has "
+                                 f"{self.states.frames(len(wav))} frames, its listed num_samples gives "
+                                 f"{self.lengths[u]}: the manifest is stale")
+        hidden, lengths = self.states.batch(wavs, torch.float16)
+        finite = torch.isfinite(hidden).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            u = indices[int((~finite).nonzero()[0, 0])]
+            raise ValueError(f"{self.manifest}:{self.line_numbers[u]}: {self.paths[u]}: hidden states beyond "
+                             "float16's range")
+        return hidden, lengths
+
+    def batch(self, indices: Sequence[int], device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> hidden (B, L + 1, T_max, D) float32 (float16 values), frame lengths (B,), on ``device``."""
+        hidden, lengths = self.hidden16(indices)
+        return hidden.to(device).float(), lengths.to(device)
+
+
+# -- labels, and the on-disk cache --------------------------------------------------------------
 
 def read_dictionary(path) -> List[str]:
     """A fairseq ``dict.*.txt`` (``symbol count`` per line) -> its symbols in order."""
@@ -175,138 +405,6 @@ def read_labels(path, symbols: Sequence[str], expected: int) -> List[List[int]]:
     return labels
 
 
-# -- training and evaluation ----------------------------------------------------------------------
-
-def batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> List[np.ndarray]:
-    """One epoch of batches, s3prl's bucketing in spirit: utterances sorted by length in random
-    chunks of ``batch_size``, the chunks in random order (less padding than a plain shuffle)."""
-    order = rng.permutation(len(lengths))
-    order = order[np.argsort(lengths[order], kind="stable")[::-1]]
-    chunks = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    return [chunks[i] for i in rng.permutation(len(chunks))]
-
-
-@torch.no_grad()
-def decode_split(head: ProbeHead, features: SplitFeatures, device, batch_size: int = 16) -> List[List[int]]:
-    """Greedy hypotheses (class indices) of every utterance of a split, in manifest order."""
-    head.eval()
-    hypotheses = []
-    for start in range(0, len(features), batch_size):
-        indices = list(range(start, min(start + batch_size, len(features))))
-        hidden, lengths = features.batch(indices, device)
-        log_probs = head(hidden)
-        hypotheses += [greedy_decode(lp, int(n)) for lp, n in zip(log_probs, lengths)]
-    return hypotheses
-
-
-def evaluate(head: ProbeHead, features: SplitFeatures, labels: List[List[int]], device) -> Dict:
-    """-> {"per", "errors" (N,), "lengths" (N,), "hypotheses"} of a split."""
-    hypotheses = decode_split(head, features, device)
-    errors, lengths = edit_errors(hypotheses, labels)
-    return {"per": error_rate(errors, lengths), "errors": errors, "lengths": lengths, "hypotheses": hypotheses}
-
-
-def train_probe(train: SplitFeatures, train_labels: List[List[int]], valid: SplitFeatures,
-                valid_labels: List[List[int]], num_classes: int, cfg: ProbeConfig, device="cpu",
-                progress: Optional[Callable[[int, float], None]] = None) -> Tuple[ProbeHead, Dict]:
-    """Trains the head; returns the head of the best valid PER and a record of training.
-
-    ``progress(step, loss)`` is called after every update (a progress bar)."""
-    if len(train) != len(train_labels) or len(valid) != len(valid_labels):
-        raise ValueError("features and labels disagree in the number of utterances")
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    _, num_layers, dim = train.frames.shape
-    head = ProbeHead(num_layers, dim, num_classes, cfg.project_dim).to(device)
-    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
-    label_tensors = [torch.tensor(t, dtype=torch.long) for t in train_labels]
-    best = {"per": math.inf, "step": 0, "state": copy.deepcopy(head.state_dict())}
-    history, queue, step = [], [], 0
-    while step < cfg.total_steps:
-        if not queue:
-            queue = batches(train.lengths, cfg.batch_size, rng)
-        head.train()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(cfg.accumulate):
-            if not queue:
-                queue = batches(train.lengths, cfg.batch_size, rng)
-            indices = queue.pop()
-            hidden, frame_lengths = train.batch(indices, device)
-            targets = nn.utils.rnn.pad_sequence([label_tensors[u] for u in indices], batch_first=True).to(device)
-            target_lengths = torch.tensor([len(label_tensors[u]) for u in indices], device=device)
-            loss = ctc_loss(head(hidden), frame_lengths, targets, target_lengths) / cfg.accumulate
-            loss.backward()
-            loss_sum += loss.detach()
-        nn.utils.clip_grad_norm_(head.parameters(), cfg.clip_norm)
-        optimizer.step()
-        step += 1
-        if progress is not None:
-            progress(step, float(loss_sum))  # the bar's one host sync per update
-        if step % cfg.eval_step == 0 or step == cfg.total_steps:
-            per = evaluate(head, valid, valid_labels, device)["per"]
-            history.append({"step": step, "loss": float(loss_sum), "valid_per": per})
-            if per < best["per"]:
-                best = {"per": per, "step": step, "state": copy.deepcopy(head.state_dict())}
-    head.load_state_dict(best["state"])
-    head.eval()
-    return head, {"valid_per": best["per"], "best_step": best["step"], "history": history,
-                  "layer_weights": head.layer_weights()}
-
-
-# SUPERB's 100,000 updates of 32 utterances are 112 passes over train-clean-100 (28,539 utterances)
-SUPERB_EPOCHS = 100000 * 32 / 28539
-
-
-def scaled_steps(num_train_utterances: int, cfg: ProbeConfig, epochs: float = SUPERB_EPOCHS) -> Tuple[int, int]:
-    """(total_steps, eval_step): SUPERB's passes over the training split, and its 100 evaluations
-    in a run (on train-clean-100: exactly libriphone.yaml's 100,000 and 1,000)."""
-    per_update = cfg.batch_size * cfg.accumulate
-    total = max(1, round(epochs * num_train_utterances / per_update))
-    return total, max(1, total // 100)
-
-
-# -- hidden states of a frozen encoder, and their cache -------------------------------------------
-
-class HiddenStates:
-    """A frozen encoder of any kind ``siamctc-extract-features`` reads -> (T, L + 1, D) per utterance.
-
-    Hidden state 0 is the input to the first transformer layer, state l the output of layer l (of
-    pre-LN models without the final layer norm), as s3prl's ``hidden_states``. Captured by forward
-    hooks during one pass, one utterance at a time (no batch padding)."""
-
-    def __init__(self, checkpoint, device="cpu"):
-        from fairseq_siamctc.features import FeatureExtractor
-
-        self.extractor = FeatureExtractor(checkpoint, device=device)
-        self.layers = self.extractor.encoder.encoder.layers
-        self.num_states = len(self.layers) + 1
-
-    @torch.inference_mode()
-    def __call__(self, wav: np.ndarray) -> np.ndarray:
-        captured: List[torch.Tensor] = []
-
-        def keep(tensor):  # (T, 1, D) in fairseq's layers, (1, T, D) in WavLM's: one utterance either way
-            captured.append(tensor.reshape(-1, tensor.shape[-1]))
-
-        handles = [self.layers[0].register_forward_pre_hook(lambda m, args: keep(args[0]))]
-        handles += [layer.register_forward_hook(lambda m, args, out: keep(out[0] if isinstance(out, tuple) else out))
-                    for layer in self.layers]
-        try:
-            last = self.extractor(wav)  # (T, D): also fixes T (fairseq may pad to a multiple)
-        finally:
-            for handle in handles:
-                handle.remove()
-        if len(captured) != self.num_states:
-            raise RuntimeError(f"captured {len(captured)} hidden states, expected {self.num_states}")
-        return torch.stack([h[: len(last)] for h in captured], dim=1).float().cpu().numpy()
-
-    def frames(self, num_samples: int) -> int:
-        from fairseq_siamctc.models.encoders import frame_count
-
-        return frame_count(self.extractor.encoder, num_samples)
-
-
 def file_hash(path, chunk: int = 1 << 22) -> str:
     """sha256 of a file's bytes; of a folder (a Hugging Face checkpoint): of its files' names and bytes."""
     path = Path(path)
@@ -324,18 +422,23 @@ def file_hash(path, chunk: int = 1 << 22) -> str:
 class FeatureCache:
     """``root/<checkpoint hash>/<split>-<manifest hash>.npy`` (float16 (frames, L + 1, D)) with
     ``.json`` (offsets, lengths): written once, then memory-mapped. The keys are content hashes,
-    so a retrained checkpoint or an edited manifest never reuses stale features."""
+    so a retrained checkpoint or an edited manifest never reuses stale features. Extraction runs
+    in batches of ``EXTRACT_BATCH`` utterances of similar lengths."""
 
-    def __init__(self, root, checkpoint, device="cpu"):
+    def __init__(self, root, checkpoint, device="cpu", states: Optional[HiddenStates] = None,
+                 checkpoint_hash: Optional[str] = None):
         self.checkpoint = Path(checkpoint)
-        self.folder = Path(root) / file_hash(self.checkpoint)[:16]
+        self.folder = Path(root) / (checkpoint_hash or file_hash(self.checkpoint))[:16]
         self.device = device
-        self._states: Optional[HiddenStates] = None
+        self._states = states
 
     def paths(self, manifest) -> Tuple[Path, Path]:
         split = Path(manifest).name.removesuffix(".tsv")
         stem = f"{split}-{file_hash(manifest)[:12]}"
         return self.folder / f"{stem}.npy", self.folder / f"{stem}.json"
+
+    def exists(self, manifest) -> bool:
+        return all(path.is_file() for path in self.paths(manifest))
 
     def load(self, manifest, progress: Optional[Callable] = None) -> SplitFeatures:
         npy, meta = self.paths(manifest)
@@ -346,44 +449,31 @@ class FeatureCache:
                              np.array(index["lengths"], dtype=np.int64))
 
     def _extract(self, manifest, npy: Path, meta: Path, progress):
-        from fairseq_siamctc.data.audio import read_audio
-        from fairseq_siamctc.data.paired_audio_dataset import read_manifest
-        from fairseq_siamctc.models.encoders import encoder_dim
-
         if self._states is None:
             self._states = HiddenStates(self.checkpoint, self.device)
-        states = self._states
-        entries = read_manifest(str(manifest))
-        lengths = np.array([states.frames(int(n)) for n in entries.num_samples], dtype=np.int64)
-        for name, line, n in zip(entries.files, entries.line_numbers, lengths):
-            if n < 1:
-                raise ValueError(f"{manifest}:{line}: {name} is shorter than one frame of the encoder")
+        split = StreamedSplit(self._states, manifest)
+        lengths = split.lengths
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         self.folder.mkdir(parents=True, exist_ok=True)
-        dim = encoder_dim(states.extractor.encoder)
         tmp = npy.with_name(f".{npy.name}.{os.getpid()}.tmp")
         frames = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
-                                           shape=(int(lengths.sum()), states.num_states, dim))
+                                           shape=(int(lengths.sum()), split.num_states, split.dim))
         try:
-            for u, (name, line) in enumerate(zip(entries.files, entries.line_numbers)):
-                path = Path(entries.root) / name
-                try:
-                    hidden = states(read_audio(path))
-                except (ValueError, FileNotFoundError) as err:
-                    raise ValueError(f"{manifest}:{line}: {err}") from err
-                if len(hidden) != lengths[u]:
-                    raise ValueError(f"{manifest}:{line}: {path} has {len(hidden)} frames, its listed "
-                                     f"num_samples gives {lengths[u]}: the manifest is stale")
-                hidden = hidden.astype(np.float16)
-                if not np.isfinite(hidden).all():
-                    raise ValueError(f"{manifest}:{line}: {path}: hidden states beyond float16's range")
-                frames[offsets[u]: offsets[u] + lengths[u]] = hidden
+            chunks = length_sorted_chunks(lengths, EXTRACT_BATCH)
+            for i, chunk in enumerate(chunks):
+                if i + 1 < len(chunks):
+                    split.prefetch(chunks[i + 1])
+                hidden, _ = split.hidden16(chunk)
+                hidden = hidden.cpu().numpy()  # (B, L + 1, T, D)
+                for row, u in enumerate(chunk):
+                    frames[offsets[u]: offsets[u] + lengths[u]] = hidden[row, :, : lengths[u]].transpose(1, 0, 2)
                 if progress is not None:
-                    progress(1)
+                    progress(len(chunk))
             frames.flush()
             del frames
             os.replace(tmp, npy)
         finally:
+            split.reader.close()
             if tmp.exists():
                 tmp.unlink()
         meta_tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
@@ -405,64 +495,299 @@ def speed_copies(data: Path, test_split: str) -> Dict[str, str]:
     return dict(sorted(found.items(), key=lambda kv: float(kv[0])))
 
 
+# -- training and evaluation ----------------------------------------------------------------------
+
+def batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> List[np.ndarray]:
+    """One epoch of batches, s3prl's bucketing in spirit: utterances sorted by length in random
+    chunks of ``batch_size``, the chunks in random order (less padding than a plain shuffle)."""
+    order = rng.permutation(len(lengths))
+    order = order[np.argsort(lengths[order], kind="stable")[::-1]]
+    chunks = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    return [chunks[i] for i in rng.permutation(len(chunks))]
+
+
+@torch.no_grad()
+def decode_split(head: ProbeHead, features, device, batch_size: int = EXTRACT_BATCH) -> List[List[int]]:
+    """Greedy hypotheses (class indices) of every utterance of a split (cached or streamed), in
+    manifest order; the batches are ``length_sorted_chunks``."""
+    head.eval()
+    hypotheses: List[Optional[List[int]]] = [None] * len(features)
+    chunks = length_sorted_chunks(features.lengths, batch_size)
+    for i, chunk in enumerate(chunks):
+        if i + 1 < len(chunks):
+            features.prefetch(chunks[i + 1])
+        hidden, lengths = features.batch(chunk, device)
+        log_probs = head(hidden)
+        for u, lp, n in zip(chunk, log_probs, lengths.tolist()):
+            hypotheses[u] = greedy_decode(lp, n)
+    return hypotheses
+
+
+def evaluate(head: ProbeHead, features, labels: List[List[int]], device) -> Dict:
+    """-> {"per", "errors" (N,), "lengths" (N,), "hypotheses"} of a split."""
+    hypotheses = decode_split(head, features, device)
+    errors, lengths = edit_errors(hypotheses, labels)
+    return {"per": error_rate(errors, lengths), "errors": errors, "lengths": lengths, "hypotheses": hypotheses}
+
+
+CHECKPOINT_FORMAT = "siamctc-probe-run"
+
+
+def _cpu_state(module_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module_state.items()}
+
+
+def save_atomically(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, renamed into place when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _flat(settings: Dict, prefix: str = "") -> Dict:
+    """{"config": {"lr": 0.01}} -> {"config.lr": 0.01}: the settings a mismatch names."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def read_run_state(path: Path, settings: Dict) -> Optional[Dict]:
+    """A saved run state of the same ``settings``; None if there is none. Read with weights_only."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a foreign or damaged file: one line naming it
+        raise ValueError(f"{path}: not a probe run state ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a probe run state")
+    if state["settings"] != settings:
+        ours, theirs = _flat(settings), _flat(state["settings"])
+        keys = sorted(k for k in {*ours, *theirs} if ours.get(k) != theirs.get(k))
+        raise ValueError(f"{path} was written with other settings ({', '.join(keys)} differ); --force starts over")
+    return state
+
+
+def train_probe(train, train_labels: List[List[int]], valid, valid_labels: List[List[int]], num_classes: int,
+                cfg: ProbeConfig, device="cpu", progress: Optional[Callable[[int, float], None]] = None,
+                checkpoint=None, settings: Optional[Dict] = None, force: bool = False,
+                log: Optional[Callable[[str], None]] = None) -> Tuple[ProbeHead, Dict]:
+    """Trains the head; returns the head of the best valid PER and a record of training.
+
+    ``train`` and ``valid`` are ``SplitFeatures`` (cached) or ``StreamedSplit`` (the encoder in
+    the loop). ``progress(step, loss)`` is called after every update (a progress bar).
+    ``checkpoint``: a file the run's state is saved to after every evaluation; when it exists the
+    run resumes from it, provided it was saved with the same settings (``settings``, a JSON-ready
+    record of what the run depends on, with ``cfg`` and the head's shape added); one of other
+    settings is a ValueError, or with ``force`` started over. ``log`` gets a line on resuming."""
+    if len(train) != len(train_labels) or len(valid) != len(valid_labels):
+        raise ValueError("features and labels disagree in the number of utterances")
+    settings = {**(settings or {}), "config": dict(cfg.__dict__), "num_classes": int(num_classes),
+                "num_states": int(train.num_states), "dim": int(train.dim)}
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    head = ProbeHead(train.num_states, train.dim, num_classes, cfg.project_dim).to(device)
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    label_tensors = [torch.tensor(t, dtype=torch.long) for t in train_labels]
+    best = {"per": math.inf, "step": 0, "state": _cpu_state(head.state_dict())}
+    history, queue, step = [], [], 0
+    state = None
+    if checkpoint is not None:
+        try:
+            state = read_run_state(checkpoint, settings)
+        except ValueError:
+            if not force:
+                raise
+    if state is not None:
+        head.load_state_dict(state["head"])
+        optimizer.load_state_dict(state["optimizer"])
+        best = {"per": state["best_per"], "step": state["best_step"], "state": state["best_head"]}
+        history, step = state["history"], state["step"]
+        queue = [np.array(b, dtype=np.int64) for b in state["queue"]]
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        if log is not None:
+            log(f"seed {cfg.seed}: resumed from {checkpoint} at update {step:,} of {cfg.total_steps:,}")
+        if progress is not None and step:
+            progress(step, history[-1]["loss"] if history else math.nan)
+    while step < cfg.total_steps:
+        head.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        for _ in range(cfg.accumulate):
+            if not queue:
+                queue = batches(train.lengths, cfg.batch_size, rng)
+            indices = queue.pop()
+            if queue:
+                train.prefetch(queue[-1])
+            hidden, frame_lengths = train.batch(indices, device)
+            targets = nn.utils.rnn.pad_sequence([label_tensors[u] for u in indices], batch_first=True).to(device)
+            target_lengths = torch.tensor([len(label_tensors[u]) for u in indices], device=device)
+            loss = ctc_loss(head(hidden), frame_lengths, targets, target_lengths) / cfg.accumulate
+            loss.backward()
+            loss_sum += loss.detach()
+        nn.utils.clip_grad_norm_(head.parameters(), cfg.clip_norm)
+        optimizer.step()
+        step += 1
+        if progress is not None:
+            progress(step, float(loss_sum))  # the bar's one host sync per update
+        if step % cfg.eval_step == 0 or step == cfg.total_steps:
+            per = evaluate(head, valid, valid_labels, device)["per"]
+            history.append({"step": step, "loss": float(loss_sum), "valid_per": per})
+            if per < best["per"]:
+                best = {"per": per, "step": step, "state": _cpu_state(head.state_dict())}
+            if checkpoint is not None:
+                save_atomically({
+                    "format": CHECKPOINT_FORMAT, "settings": settings, "step": step,
+                    "head": _cpu_state(head.state_dict()), "optimizer": optimizer.state_dict(),
+                    "best_per": best["per"], "best_step": best["step"], "best_head": best["state"],
+                    "history": history, "queue": [[int(u) for u in b] for b in queue],
+                    "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                }, checkpoint)
+    head.load_state_dict(best["state"])
+    head.eval()
+    return head, {"valid_per": best["per"], "best_step": best["step"], "history": history,
+                  "layer_weights": head.layer_weights()}
+
+
+# SUPERB's 100,000 updates of 32 utterances are 112 passes over train-clean-100 (28,539 utterances)
+SUPERB_EPOCHS = 100000 * 32 / 28539
+
+
+def scaled_steps(num_train_utterances: int, cfg: ProbeConfig, epochs: float = SUPERB_EPOCHS) -> Tuple[int, int]:
+    """(total_steps, eval_step): SUPERB's passes over the training split, and its 100 evaluations
+    in a run (on train-clean-100: exactly libriphone.yaml's 100,000 and 1,000)."""
+    per_update = cfg.batch_size * cfg.accumulate
+    total = max(1, round(epochs * num_train_utterances / per_update))
+    return total, max(1, total // 100)
+
+
 # -- one checkpoint, every seed, every test split and its speed copies ----------------------------
+
+def head_checkpoint(out, seed: int) -> Path:
+    """Where ``probe_checkpoint`` keeps a seed's run state (and so its chosen head) in ``out``."""
+    return Path(out) / f"probe_seed{seed}.pt"
+
+
+def mode_line(mode: str, chosen: str, estimate: int, frames: int, num_states: int, dim: int,
+              num_splits: int, budget_gb: float, on_disk: bool, cache_folder: Path) -> str:
+    """The one line that says which mode runs and why, before any work."""
+    amount = f"{estimate / GB:,.1f} GB" if estimate >= 0.1 * GB else f"{estimate / 1e6:,.1f} MB"
+    size = (f"feature cache of {num_splits} splits: {amount} estimated (float16, {frames:,} frames "
+            f"x {num_states} states x {dim} dims)")
+    if mode != "auto":
+        why = f"--mode {mode}"
+    elif on_disk:
+        why = "on disk already"
+    else:
+        why = f"{'within' if chosen == 'cached' else 'over'} --cache-budget {budget_gb:g} GB"
+    if chosen == "cached":
+        return f"{size}, {why}: cached mode, features in {cache_folder}"
+    return f"{size}, {why}: streaming mode, the encoder runs in the head's training loop"
+
 
 def probe_checkpoint(checkpoint, data, cache_root, train_split: str = "train", valid_split: str = "valid",
                      test_splits: Sequence[str] = ("test",), labels: str = "phn", seeds: Sequence[int] = (1,),
                      cfg: Optional[ProbeConfig] = None, epochs: float = SUPERB_EPOCHS, device="cpu",
-                     show_progress: bool = True) -> Dict:
+                     show_progress: bool = True, mode: str = "auto",
+                     cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB, out=None, force: bool = False,
+                     log: Optional[Callable[[str], None]] = print,
+                     on_start: Optional[Callable[[], None]] = None) -> Dict:
     """The protocol end to end; returns a JSON-ready record with per-utterance error counts.
 
     ``cfg.total_steps`` of 0 is scaled from ``epochs`` (see ``scaled_steps``), ``eval_step`` of 0
-    is a hundredth of it. Features of every split are read from (or written to) the cache once."""
+    is a hundredth of it. ``mode``: ``cached`` (every split's features read from, or written
+    once to, the cache under ``cache_root``), ``streaming`` (the encoder runs on every batch), or
+    ``auto`` (``choose_mode`` with ``cache_budget_gb``); ``log`` gets the line that says which
+    and why. ``out``: each seed's run state goes to ``head_checkpoint(out, seed)`` after every
+    evaluation, and a run of the same settings resumes from it (``force``: one of other settings
+    is started over instead of refused). ``on_start`` is called once the inputs have been checked,
+    before any extraction or training."""
     from tqdm import tqdm
 
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     data = Path(data)
-    symbols = read_dictionary(data / f"dict.{labels}.txt")
-    cache = FeatureCache(cache_root, checkpoint, device)
-    splits = {train_split: None, valid_split: None}
+    dictionary = data / f"dict.{labels}.txt"
+    symbols = read_dictionary(dictionary)
+    names = [train_split, valid_split]
     tests = {}
     for test in test_splits:
         tests[test] = speed_copies(data, test)
-        for split in tests[test].values():
-            splits[split] = None
-    for split in splits:
-        manifest = data / f"{split}.tsv"
+        names += list(tests[test].values())
+    names = list(dict.fromkeys(names))
+    manifests = {split: data / f"{split}.tsv" for split in names}
+    for manifest in manifests.values():
         if not manifest.is_file():
             raise FileNotFoundError(f"manifest not found: {manifest}")
-        npy, _ = cache.paths(manifest)
-        if npy.is_file() or not show_progress:
-            features = cache.load(manifest)
-        else:
-            utterances = sum(1 for line in manifest.read_text().splitlines()[1:] if line.strip())
-            with tqdm(total=utterances, desc=f"hidden states {split}", unit="utt", leave=False, disable=None) as bar:
-                features = cache.load(manifest, progress=bar.update)
-        splits[split] = (features, read_labels(data / f"{split}.{labels}", symbols, len(features)))
+    checkpoint_hash = file_hash(checkpoint)
+    states = HiddenStates(checkpoint, device)
+    reader = AudioReader()
+    streamed = {split: StreamedSplit(states, manifest, reader) for split, manifest in manifests.items()}
+    split_labels = {split: read_labels(data / f"{split}.{labels}", symbols, len(streamed[split])) for split in names}
+    cache = FeatureCache(cache_root, checkpoint, device, states, checkpoint_hash)
+    frames = int(sum(split.lengths.sum() for split in streamed.values()))
+    estimate = cache_bytes(frames, states.num_states, states.dim)
+    on_disk = all(cache.exists(manifest) for manifest in manifests.values())
+    chosen = choose_mode(mode, estimate, cache_budget_gb, on_disk)
+    if log is not None:
+        log(mode_line(mode, chosen, estimate, frames, states.num_states, states.dim, len(names), cache_budget_gb,
+                      on_disk, cache.folder))
     cfg = cfg or ProbeConfig()
     if cfg.total_steps <= 0:
-        cfg = ProbeConfig(**{**cfg.__dict__, "total_steps": scaled_steps(len(splits[train_split][0]), cfg, epochs)[0]})
+        cfg = ProbeConfig(**{**cfg.__dict__, "total_steps": scaled_steps(len(streamed[train_split]), cfg, epochs)[0]})
     if cfg.eval_step <= 0:
         cfg = ProbeConfig(**{**cfg.__dict__, "eval_step": max(1, cfg.total_steps // 100)})
-    record = {"checkpoint": str(checkpoint), "data": str(data), "labels": labels, "train": train_split,
-              "valid": valid_split, "config": {k: v for k, v in cfg.__dict__.items() if k != "seed"},
-              "num_states": int(splits[train_split][0].frames.shape[1]), "seeds": {}}
-    for seed in seeds:
-        seed_cfg = ProbeConfig(**{**cfg.__dict__, "seed": int(seed)})
-        # disable=None: bars on a terminal only, not in the log files of the study
-        with tqdm(total=seed_cfg.total_steps, desc=f"probe seed {seed}", unit="upd", leave=False,
-                  disable=None if show_progress else True) as bar:
-            def progress(step, loss):
-                bar.update(1)
-                if step % 50 == 0:
-                    bar.set_postfix(loss=f"{loss:.2f}")
-            head, trained = train_probe(*splits[train_split], *splits[valid_split], len(symbols) + 1,
-                                        seed_cfg, device, progress)
-        results = {}
-        for test, copies in tests.items():
-            results[test] = {}
-            for speed, split in copies.items():
-                scored = evaluate(head, *splits[split], device)
-                results[test][speed] = {"split": split, "per": scored["per"],
-                                        "errors": scored["errors"].tolist(), "lengths": scored["lengths"].tolist()}
-        record["seeds"][str(seed)] = {**trained, "test": results}
+    # what a saved run state depends on besides cfg: the encoder, the training and selection data
+    settings = {"checkpoint": checkpoint_hash, "dictionary": file_hash(dictionary),
+                **{f"{role}_{kind}": file_hash(data / f"{split}.{ext}") for role, split in (("train", train_split),
+                   ("valid", valid_split)) for kind, ext in (("manifest", "tsv"), ("labels", labels))}}
+    if on_start is not None:
+        on_start()
+    try:
+        sources = {}
+        for split, manifest in manifests.items():
+            if chosen == "streaming":
+                sources[split] = streamed[split]
+            elif cache.exists(manifest) or not show_progress:
+                sources[split] = cache.load(manifest)
+            else:
+                with tqdm(total=len(streamed[split]), desc=f"hidden states {split}", unit="utt", leave=False,
+                          disable=None) as bar:
+                    sources[split] = cache.load(manifest, progress=bar.update)
+        record = {"checkpoint": str(checkpoint), "data": str(data), "labels": labels, "train": train_split,
+                  "valid": valid_split, "config": {k: v for k, v in cfg.__dict__.items() if k != "seed"},
+                  "num_states": int(states.num_states), "mode": chosen, "seeds": {}}
+        for seed in seeds:
+            seed_cfg = ProbeConfig(**{**cfg.__dict__, "seed": int(seed)})
+            # disable=None: bars on a terminal only, not in the log files of the study
+            with tqdm(total=seed_cfg.total_steps, desc=f"probe seed {seed}", unit="upd", leave=False,
+                      disable=None if show_progress else True) as bar:
+                def progress(step, loss):
+                    bar.update(step - bar.n)
+                    if step % 50 == 0:
+                        bar.set_postfix(loss=f"{loss:.2f}")
+                head, trained = train_probe(sources[train_split], split_labels[train_split], sources[valid_split],
+                                            split_labels[valid_split], len(symbols) + 1, seed_cfg, device, progress,
+                                            None if out is None else head_checkpoint(out, seed), settings, force, log)
+            results = {}
+            for test, copies in tests.items():
+                results[test] = {}
+                for speed, split in copies.items():
+                    scored = evaluate(head, sources[split], split_labels[split], device)
+                    results[test][speed] = {"split": split, "per": scored["per"],
+                                            "errors": scored["errors"].tolist(), "lengths": scored["lengths"].tolist()}
+            record["seeds"][str(seed)] = {**trained, "test": results}
+    finally:
+        reader.close()
     return record
