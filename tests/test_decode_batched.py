@@ -1,9 +1,11 @@
-"""Batched greedy decoding gives exactly the one-at-a-time result (fairseq_siamctc.decoding)."""
+"""Batched greedy decoding gives the one-at-a-time result (fairseq_siamctc.decoding), in float32
+exactly and under autocast up to near ties."""
 
 import types
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from fairseq.data import Dictionary
 from fairseq.models.hubert import hubert_asr
@@ -11,8 +13,10 @@ from fairseq.models.wav2vec import Wav2Vec2Config, Wav2Vec2Model
 from omegaconf import OmegaConf
 
 import fairseq_siamctc  # noqa: F401  (compatibility fixes: hubert_ctc's config)
-from fairseq_siamctc.cli.decode import CtcRecognizer
-from fairseq_siamctc.decoding import (cnn_then_batched_encoder, greedy_ctc, length_sorted_batches, mask_padded_frames,
+from fairseq_siamctc.cli import decode as decode_cli
+from fairseq_siamctc.cli.decode import CtcRecognizer, decode_split
+from fairseq_siamctc.decoding import (AUTOCAST_TIE_RTOL, autocast_dtype, cnn_then_batched_encoder, flips_beyond_ties,
+                                      greedy_ctc, length_sorted_batches, mask_padded_frames, near_tie_frames,
                                       padding_independent, padding_independent_logits)
 from fairseq_siamctc.models.encoders import hubert_features
 from fairseq_siamctc.models.wavlm_ctc import WavLMCtc, WavLMCtcConfig
@@ -28,15 +32,15 @@ def letters_task():
     return types.SimpleNamespace(source_dictionary=None, target_dictionary=dictionary)
 
 
-def tiny_hubert_ctc(tmp_path):
-    tiny_hubert_checkpoint(tmp_path / "hubert.pt")
+def tiny_hubert_ctc(tmp_path, **overrides):
+    tiny_hubert_checkpoint(tmp_path / "hubert.pt", **overrides)
     cfg = OmegaConf.structured(hubert_asr.HubertCtcConfig(w2v_path=str(tmp_path / "hubert.pt"), data="unused",
                                                                 normalize=False))
     return hubert_asr.HubertCtc.build_model(cfg, letters_task()).eval()
 
 
-def tiny_wavlm_ctc(tmp_path):
-    tiny_wavlm_checkpoint(tmp_path / "wavlm.pt")
+def tiny_wavlm_ctc(tmp_path, **overrides):
+    tiny_wavlm_checkpoint(tmp_path / "wavlm.pt", **overrides)
     cfg = OmegaConf.structured(WavLMCtcConfig(w2v_path=str(tmp_path / "wavlm.pt"), data="unused", normalize=False))
     return WavLMCtc.build_model(cfg, letters_task()).eval()
 
@@ -158,3 +162,124 @@ def test_wav2vec2_backbone_is_batched_the_same_way():
     model.crop_seq_to_multiple = 2  # crops the batch's frames: not padding-independent
     assert not padding_independent(wrapped)
     assert not padding_independent(torch.nn.Linear(2, 2))
+
+
+def naive_near_ties(logits, atol, rtol):
+    """One frame at a time: sorted logits, the gap of the best two against atol + rtol * largest finite |logit|."""
+    out = torch.zeros(logits.shape[:-1], dtype=torch.bool)
+    for index in np.ndindex(*logits.shape[:-1]):
+        values = sorted(logits[index].tolist(), reverse=True)
+        scale = max(abs(v) for v in values if np.isfinite(v))
+        out[index] = values[0] - values[1] <= atol + rtol * scale
+    return out
+
+
+def test_near_tie_frames_and_flips_equal_a_loop_over_frames():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 40, 7, generator=g) * 3
+    second = logits.topk(2, dim=-1).indices[..., 1]
+    planted = torch.rand(3, 40, generator=g) < 0.3  # best two within 0 to 2e-3: on both sides of 1e-3
+    gap = torch.rand(3, 40, generator=g) * 2e-3
+    best = logits.amax(-1)
+    runner_up = torch.where(planted, best - gap, logits.gather(-1, second[..., None])[..., 0])
+    logits.scatter_(-1, second[..., None], runner_up[..., None])
+    logits[2, 5, 3] = float("-inf")  # a masked class: not part of the scale
+    for atol, rtol in ((1e-3, 0.0), (0.0, 2.0 ** -4), (1e-3, 2.0 ** -8)):
+        expected = naive_near_ties(logits, atol, rtol)
+        assert torch.equal(near_tie_frames(logits, atol, rtol), expected)
+        assert 0 < expected.sum() < expected.numel()
+    # another computation that swaps the best two at every planted frame and changes nothing elsewhere
+    other = logits.clone()
+    top = logits.topk(2, dim=-1)
+    swapped = top.values.flip(-1)
+    other.scatter_(-1, top.indices, torch.where(planted[..., None], swapped, top.values))
+    changed = logits.argmax(-1) != other.argmax(-1)
+    ties = naive_near_ties(logits, 1e-3, 0.0)
+    assert torch.equal(flips_beyond_ties(logits, other, 1e-3), changed & ~ties)
+    assert (changed & ties).any() and (changed & ~ties).any()  # planted gaps above 1e-3 are not ties
+    assert not flips_beyond_ties(logits, other, 2.1e-3).any()
+    with pytest.raises(ValueError, match="not the same frames"):
+        flips_beyond_ties(logits, other[:, :-1])
+
+
+@pytest.mark.parametrize("kind", ["hubert_ctc", "wavlm_ctc"])
+def test_bf16_autocast_changes_labels_only_at_near_ties(kind, tmp_path):
+    """bfloat16 keeps 8 significant bits: every rounding changes a value by up to u = 2^-8 of it.
+    The logits come out of ~10 layers in sequence (7 convolutions, 2 transformer layers, the output
+    projection), each rounding its output, so their error is a few u of the frame's largest |logit|,
+    and two logits can swap only where their float32 gap is below about twice that:
+    AUTOCAST_TIE_RTOL's 16u. Frames with a wider gap (most of them) must keep their label.
+
+    The positional convolutions have 16 channels per group: with 8 or 12 (the other tests' tiny
+    models) this torch's oneDNN bfloat16 grouped convolution on a CPU is wrong, not rounded
+    (errors as large as the outputs), which this test would report as flips beyond the ties.
+    """
+    model = (tiny_hubert_ctc(tmp_path, conv_pos_groups=3) if kind == "hubert_ctc"
+             else tiny_wavlm_ctc(tmp_path, conv_pos_groups=2))
+    dictionary = letters_task().target_dictionary
+    wavs = waveforms(seconds=(0.4, 0.55, 0.7, 1.0, 1.3, 2.0, 0.9, 1.7))
+    full = CtcRecognizer(model, dictionary, False, dictionary.bos())
+    half = CtcRecognizer(model, dictionary, False, dictionary.bos(), autocast_dtype("bf16", "cpu"))
+    rtol = AUTOCAST_TIE_RTOL[torch.bfloat16]
+    logits, lengths = full.logits(wavs)
+    half_logits, half_lengths = half.logits(wavs)
+    assert half_logits.dtype == torch.float32 and torch.equal(half_lengths, lengths)
+    valid = torch.arange(logits.size(1))[None] < lengths[:, None]
+    assert (half_logits - logits).abs()[valid].max() > 1e-2  # bfloat16 did run (float32 ways agree to 2e-5)
+    ties = near_tie_frames(logits, 0.0, rtol)[valid]
+    assert ties.float().mean() < 0.3  # the check below binds at most frames
+    assert not flips_beyond_ties(logits, half_logits, 0.0, rtol)[valid].any()
+    # the hypotheses: batched under bf16, padding kept out, as float32's where no frame's label changed
+    hyps, half_hyps = full.decode_batch(wavs), half.decode_batch(wavs)
+    for b, wav in enumerate(wavs):
+        n = lengths[b]
+        if torch.equal(logits[b, :n].argmax(-1), half_logits[b, :n].argmax(-1)):
+            assert half_hyps[b] == hyps[b]
+        alone = half.alone_logits(wav)  # a batch of one under bf16: the same frames, the same rule
+        assert alone.size(0) == n
+        assert not flips_beyond_ties(logits[b, :n], alone, 0.0, rtol).any()
+    assert sum(map(len, half_hyps)) > 0
+
+
+def test_autocast_names_what_it_cannot_do(tmp_path, monkeypatch, capsys):
+    assert autocast_dtype("none", "cpu") is None
+    assert autocast_dtype("bf16", "cpu") is torch.bfloat16
+    with pytest.raises(ValueError, match="unknown autocast 'fp32'"):
+        autocast_dtype("fp32", "cpu")
+
+    def no_half(*args, **kwargs):  # a torch whose CPU has no float16 convolution
+        raise RuntimeError("\"slow_conv2d_cpu\" not implemented for 'Half'")
+
+    monkeypatch.setattr(torch.nn.functional, "conv1d", no_half)
+    with pytest.raises(ValueError, match=r"autocast fp16: .* to torch.float16 on cpu .*not implemented"):
+        autocast_dtype("fp16", "cpu")
+    checkpoint = tmp_path / "ft.pt"
+    checkpoint.write_bytes(b"")  # refused before it is read
+    assert decode_cli.main(["--checkpoint", str(checkpoint), "--data", str(tmp_path), "--out", str(tmp_path / "out"),
+                            "--device", "cpu", "--autocast", "fp16"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("siamctc-decode: error: autocast fp16:")
+
+
+def test_decode_split_sorts_by_length_and_writes_in_manifest_order(tmp_path):
+    model = tiny_hubert_ctc(tmp_path)
+    dictionary = letters_task().target_dictionary
+    recognizer = CtcRecognizer(model, dictionary, False, dictionary.bos())
+    seconds = (0.55, 1.3, 0.4, 1.0, 0.7, 1.25, 0.42)  # neither sorted nor reversed
+    wavs = waveforms(seed=2, seconds=seconds)
+    data = tmp_path / "data"
+    (data / "wav").mkdir(parents=True)
+    rows = []
+    for i, wav in enumerate(wavs):
+        sf.write(data / "wav" / f"u{i}.wav", wav, 16000, subtype="FLOAT")
+        rows.append(f"wav/u{i}.wav\t{len(wav)}")
+    (data / "test.tsv").write_text(f"{data}\n" + "\n".join(rows) + "\n")
+    (data / "test.ltr").write_text("A B |\n" * len(wavs))
+    batches = length_sorted_batches([len(w) for w in wavs], 3, 10**9)
+    assert max(map(len, batches)) > 1 and [i for b in batches for i in b] != list(range(len(wavs)))
+    score = decode_split(recognizer, str(data), "test", "ltr", str(tmp_path / "out"), "letter", batch_size=3,
+                         max_tokens=10**9, progress=False)
+    assert score["throughput"]["batches"] == len(batches)
+    expected = [recognizer.to_text(recognizer.decode(w), "letter") for w in wavs]  # each alone, manifest order
+    assert (tmp_path / "out" / "test.hyp").read_text().splitlines() == expected
+    assert len(set(expected)) > 1  # the order is visible in the output

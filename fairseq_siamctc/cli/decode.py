@@ -7,11 +7,20 @@ reads ``DIR/{split}.tsv`` and ``DIR/{split}.{labels}``, decodes every utterance 
 path), and writes ``OUT/{split}.hyp``, ``OUT/{split}.ref`` (one line per utterance, in manifest
 order) and ``OUT/{split}.json`` with the error rate and the throughput.
 
-Batches. Utterances are decoded in length-sorted batches, and each utterance's result is exactly
-the one it gets alone: the group-norm statistics of the first convolution come from its own frames
-(the convolutions run per utterance, the transformer on the batch) and padded frames are blank
-before the argmax (``fairseq_siamctc.decoding``). A model that is not
-known to allow that is decoded one utterance at a time.
+Batches. Utterances are decoded in length-sorted batches (the outputs are in manifest order), and
+each utterance's result is the one it gets alone: the group-norm statistics of the first
+convolution come from its own frames (on a CPU the convolutions run per utterance, the transformer
+on the batch) and padded frames are blank before the argmax (``fairseq_siamctc.decoding``); only
+float rounding differs, which can swap two labels whose logits are within it (a near tie). A
+model that is not known to allow that is decoded one utterance at a time. A batch holds at most
+``--max-tokens`` padded samples and a tenth of padding; on a CPU also at most ``--batch-size``
+utterances (16), while on a GPU by default only the samples count, as a batch of short utterances
+costs no more launches than one of long ones.
+
+Precision. ``--autocast bf16`` or ``fp16`` runs the encoder under torch.autocast (tensor cores on
+a GPU); the logits go back to float32 for the argmax. The hypotheses may then differ from float32
+ones at frames whose two best logits are within the dtype's rounding (``bench/decode.py``
+counts them).
 
 Language model. With ``--lexicon`` (and usually ``--lm``, an ARPA or binary KenLM model), a
 lexicon-constrained beam search (flashlight's, through torchaudio; ``fairseq_siamctc.lm_decoding``)
@@ -50,7 +59,8 @@ from fairseq.data.data_utils import post_process
 
 from ..data.audio import read_audio
 from ..data.paired_audio_dataset import normalize_waveform, read_manifest
-from ..decoding import greedy_ctc, length_sorted_batches, padding_independent, padding_independent_logits
+from ..decoding import (AUTOCAST_DTYPES, autocast, autocast_dtype, greedy_ctc, host_to_device, length_sorted_batches,
+                        padded_batch_logits, padding_independent)
 from ..lm_decoding import WORD_BOUNDARY, LMDecoderOptions, build_lm_decoder, lm_decode
 from . import default_device
 from .outputs import refuse_to_replace, write_atomic
@@ -58,7 +68,7 @@ from .outputs import refuse_to_replace, write_atomic
 logger = logging.getLogger("siamctc.decode")
 
 SAMPLE_RATE = 16_000
-BATCH_SIZE = 16
+BATCH_SIZE = 16  # on a CPU; on a GPU --max-tokens alone bounds a batch by default
 MAX_TOKENS = 1_600_000  # samples in a padded batch: 100 s of audio
 # fairseq post_process symbols whose output is words
 WORD_POST_PROCESS = ("letter", "sentencepiece", "wordpiece", "_EOW", "subword_nmt", "@@ ", "@@")
@@ -75,6 +85,13 @@ def check_device(device: str) -> torch.device:
     if checked.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: CUDA is not available on this machine (use --device cpu)")
     return checked
+
+
+def default_batch_size(device) -> Optional[int]:
+    """Most utterances in a batch when not told: BATCH_SIZE on a CPU, where a batch saves little
+    (its cost is arithmetic); no count limit on a GPU, which launches the same kernels for a batch
+    of any size, so that batches filled up to ``--max-tokens`` launch the fewest."""
+    return BATCH_SIZE if torch.device(device).type == "cpu" else None
 
 
 def default_post_process(labels: str) -> str:
@@ -96,12 +113,14 @@ class CtcRecognizer:
     dictionary: object  # fairseq.data.Dictionary
     normalize: bool
     blank_index: int
+    autocast: Optional[torch.dtype] = None  # the encoder's dtype under torch.autocast; None: float32
 
     @classmethod
-    def load(cls, checkpoint: str, device: Optional[str] = None) -> "CtcRecognizer":
+    def load(cls, checkpoint: str, device: Optional[str] = None, autocast: str = "none") -> "CtcRecognizer":
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
         device = check_device(device or default_device())
+        dtype = autocast_dtype(autocast, device)
         models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint])
         try:
             dictionary = task.target_dictionary
@@ -112,7 +131,7 @@ class CtcRecognizer:
         blank_symbol = getattr(task, "blank_symbol", None)
         blank_index = dictionary.index(blank_symbol) if blank_symbol else dictionary.bos()
         model = models[0].to(device).eval()
-        return cls(model, dictionary, bool(cfg.task.get("normalize", False)), blank_index)
+        return cls(model, dictionary, bool(cfg.task.get("normalize", False)), blank_index, dtype)
 
     @property
     def device(self) -> torch.device:
@@ -133,34 +152,46 @@ class CtcRecognizer:
         """The beam search's silence: the word boundary ``|`` of letter units, else ``</s>``."""
         return self.dictionary.index(WORD_BOUNDARY) if WORD_BOUNDARY in self.dictionary.indices else self.dictionary.eos()
 
-    @torch.no_grad()
-    def decode(self, wav) -> List[int]:
-        """One utterance through the model's own forward: mono float waveform (N,) at 16 kHz -> label
-        indices of the greedy CTC path. The one-at-a-time reference for ``decode_batch``."""
+    def alone_logits(self, wav) -> torch.Tensor:
+        """One utterance through the model's own forward: mono float waveform (N,) at 16 kHz ->
+        float32 logits (T, V). The one-at-a-time reference for ``logits``."""
         if self.normalize:
             wav = normalize_waveform(wav)
-        source = torch.as_tensor(wav, dtype=torch.float32, device=self.device)[None]
-        net_output = self.model(source=source, padding_mask=None)
-        logits = self.model.get_logits(net_output).transpose(0, 1)  # (1, T, V)
-        lengths = torch.tensor([logits.size(1)], device=self.device)
+        source = torch.as_tensor(np.asarray(wav, dtype=np.float32)).to(self.device)[None]
+        with torch.inference_mode(), autocast(self.device, self.autocast):
+            logits = self.model.get_logits(self.model(source=source, padding_mask=None))  # (T, 1, V)
+        return logits[:, 0].float()
+
+    def decode(self, wav) -> List[int]:
+        """One utterance alone -> label indices of the greedy CTC path (the reference for ``decode_batch``)."""
+        logits = self.alone_logits(wav)[None]
+        lengths = torch.tensor([logits.size(1)], device=logits.device)
         return greedy_ctc(logits, lengths, self.blank_index, self.removed)[0]
 
-    @torch.no_grad()
     def logits(self, wavs: Sequence[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """B waveforms -> logits (B, T, V) and valid frames (B,), each utterance's as if alone."""
-        if self.normalize:
-            wavs = [normalize_waveform(wav) for wav in wavs]
+        """B waveforms -> float32 logits (B, T, V) and valid frames (B,), each utterance's as if alone.
+
+        The batch is padded on the host and copied to the device at once (not one copy, and on a
+        GPU one wait, per utterance).
+        """
         if not self.batched:
             if len(wavs) != 1:
                 raise ValueError(f"{type(self.model).__name__} is decoded one utterance at a time")
-            source = torch.as_tensor(wavs[0], dtype=torch.float32, device=self.device)[None]
-            logits = self.model.get_logits(self.model(source=source, padding_mask=None)).transpose(0, 1)
-            return logits, torch.tensor([logits.size(1)], device=self.device)
-        waves = [torch.as_tensor(np.asarray(w, dtype=np.float32)).to(self.device) for w in wavs]
-        return padding_independent_logits(self.model, waves)
+            logits = self.alone_logits(wavs[0])[None]
+            return logits, torch.tensor([logits.size(1)], device=logits.device)
+        if self.normalize:
+            wavs = [normalize_waveform(wav) for wav in wavs]
+        num_samples = [len(wav) for wav in wavs]
+        padded = np.zeros((len(wavs), max(num_samples)), dtype=np.float32)
+        for row, wav in zip(padded, wavs):
+            row[:len(wav)] = wav
+        source = host_to_device(torch.from_numpy(padded), self.device)
+        with torch.inference_mode(), autocast(self.device, self.autocast):
+            logits, lengths = padded_batch_logits(self.model, source, num_samples)
+        return logits.float(), lengths
 
     def decode_batch(self, wavs: Sequence[np.ndarray]) -> List[List[int]]:
-        """B waveforms -> B greedy label sequences, each exactly as ``decode`` gives it."""
+        """B waveforms -> B greedy label sequences, each as ``decode`` gives it (to near ties)."""
         logits, lengths = self.logits(wavs)
         return greedy_ctc(logits, lengths, self.blank_index, self.removed)
 
@@ -211,10 +242,13 @@ def decode_outputs(out_dir, splits, beam_search: bool) -> List[pathlib.Path]:
 
 
 def decode_split(recognizer: CtcRecognizer, data: str, split: str, labels: str, out_dir: str,
-                 post_process_symbol: str = "none", batch_size: int = BATCH_SIZE,
+                 post_process_symbol: str = "none", batch_size: Optional[int] = None,
                  max_tokens: int = MAX_TOKENS, language_model: Optional[LanguageModel] = None,
                  progress: bool = True) -> dict:
-    """Decodes ``data/{split}.tsv``, writes ``.hyp``/``.ref``/``.json`` under out_dir, returns the score."""
+    """Decodes ``data/{split}.tsv``, writes ``.hyp``/``.ref``/``.json`` under out_dir, returns the score.
+
+    batch_size: most utterances in a batch (None: ``default_batch_size`` of the recognizer's device).
+    """
     manifest = read_manifest(os.path.join(data, f"{split}.tsv"))
     count = len(manifest.files)
     label_lines = read_lines(pathlib.Path(data) / f"{split}.{labels}", count)
@@ -233,6 +267,8 @@ def decode_split(recognizer: CtcRecognizer, data: str, split: str, labels: str, 
                 raise ValueError(f"{manifest.path}:{manifest.line_numbers[index]}: {err}") from err
         return wavs
 
+    if batch_size is None:
+        batch_size = default_batch_size(recognizer.device)
     batches = length_sorted_batches(manifest.num_samples, batch_size if recognizer.batched else 1, max_tokens)
     hypotheses: List[Optional[str]] = [None] * count
     lm_words: List[Optional[str]] = [None] * count
@@ -249,11 +285,11 @@ def decode_split(recognizer: CtcRecognizer, data: str, split: str, labels: str, 
             if number + 1 < len(batches):
                 pending = reader.submit(load, batches[number + 1])
             audio_samples += sum(len(w) for w in wavs)
-            with torch.no_grad():
+            with torch.inference_mode():
                 logits, lengths = recognizer.logits(wavs)
                 paths = greedy_ctc(logits, lengths, recognizer.blank_index, recognizer.removed)
                 if language_model is not None:
-                    searched = lm_decode(language_model.decoder, torch.log_softmax(logits.float(), dim=-1), lengths)
+                    searched = lm_decode(language_model.decoder, torch.log_softmax(logits, dim=-1), lengths)
             for i, index in enumerate(batch):
                 hypotheses[index] = recognizer.to_text(paths[i], post_process_symbol)
                 if language_model is not None:
@@ -280,7 +316,7 @@ def decode_split(recognizer: CtcRecognizer, data: str, split: str, labels: str, 
     score["throughput"] = {
         "seconds": seconds, "audio_seconds": audio_seconds, "utterances_per_second": count / max(seconds, 1e-9),
         "real_time_factor": seconds / max(audio_seconds, 1e-9), "batches": len(batches),
-        "device": str(recognizer.device),
+        "device": str(recognizer.device), "autocast": str(recognizer.autocast or torch.float32).replace("torch.", ""),
     }
     write_atomic(score_path, json.dumps(score, indent=2) + "\n")
     return score
@@ -297,13 +333,15 @@ def summary(score: dict) -> str:
         if lm["units"]["metric"] != "WER":
             line += f", {lm['units']['metric']} {lm['units']['error_rate']:.2f}%"
     speed = score["throughput"]
+    precision = "" if speed.get("autocast", "float32") == "float32" else f" under {speed['autocast']} autocast"
     return (line + f"; {speed['audio_seconds']:.1f} s of audio in {speed['seconds']:.1f} s on "
-            f"{speed['device']}: {speed['utterances_per_second']:.1f} utt/s, real-time factor "
+            f"{speed['device']}{precision}: {speed['utterances_per_second']:.1f} utt/s, real-time factor "
             f"{speed['real_time_factor']:.3f}")
 
 
-def add_decoding_options(parser: argparse.ArgumentParser) -> None:
-    """Options that siamctc-decode and siamctc-robustness share."""
+def add_decoding_options(parser: argparse.ArgumentParser, batch_size_by_device: bool = False) -> None:
+    """Options that siamctc-decode and siamctc-robustness share; ``batch_size_by_device``: --batch-size
+    defaults to None, ``default_batch_size`` of the device."""
     parser.add_argument("--labels", default="phn",
                         help="label file extension: phn (scored as PER), ltr (WER), wrd, spm, ... (default: phn)")
     parser.add_argument("--post-process", default=None,
@@ -312,8 +350,10 @@ def add_decoding_options(parser: argparse.ArgumentParser) -> None:
                              "spm, else none")
     parser.add_argument("--device", default=default_device(),
                         help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
-                        help=f"most utterances in a batch; 1 decodes one at a time (default: {BATCH_SIZE})")
+    parser.add_argument("--batch-size", type=int, default=None if batch_size_by_device else BATCH_SIZE,
+                        help="most utterances in a batch; 1 decodes one at a time (default: "
+                             + (f"{BATCH_SIZE} on a CPU, no limit on a GPU, where --max-tokens bounds a batch)"
+                                if batch_size_by_device else f"{BATCH_SIZE})"))
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS,
                         help=f"most audio samples in a padded batch (default: {MAX_TOKENS}, 100 s at 16 kHz)")
 
@@ -325,7 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", nargs="+", default=["test"], help="one or more splits (default: test)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--force", action="store_true", help="replace the results of an earlier run in --out")
-    add_decoding_options(parser)
+    add_decoding_options(parser, batch_size_by_device=True)
+    parser.add_argument("--autocast", choices=list(AUTOCAST_DTYPES), default="none",
+                        help="run the encoder under torch.autocast in float16 or bfloat16 (for tensor cores on a "
+                             "GPU; bf16 also works on a CPU), the argmax on float32 logits; hypotheses may then "
+                             "change at frames whose two best logits are within the dtype's rounding "
+                             "(default: none, float32)")
     beam = parser.add_argument_group("beam search with a lexicon and a language model")
     beam.add_argument("--lexicon", default=None,
                       help="lexicon file, a word and its units per line (letters: 'HELLO H E L L O', the "
@@ -348,12 +393,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.lm is not None and args.lexicon is None:
         parser.error("--lm needs --lexicon (the beam search is lexicon-constrained)")
-    if args.batch_size < 1 or args.max_tokens < 1:
-        parser.error("--batch-size and --max-tokens must be positive")
+    if (args.batch_size is not None and args.batch_size < 1) or args.max_tokens < 1:
+        parser.error(f"--batch-size and --max-tokens must be positive, got {args.batch_size} and {args.max_tokens}")
     symbol = args.post_process or default_post_process(args.labels)
     try:
         refuse_to_replace(decode_outputs(args.out, args.split, args.lexicon is not None), args.force)
-        recognizer = CtcRecognizer.load(args.checkpoint, args.device)
+        recognizer = CtcRecognizer.load(args.checkpoint, args.device, args.autocast)
         language_model = None
         if args.lexicon is not None:
             language_model = LanguageModel.load(recognizer, LMDecoderOptions(
