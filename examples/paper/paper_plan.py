@@ -122,7 +122,6 @@ class Settings:
 
     siamctc_updates: int = 5000
     siamctc_batch: int = 8
-    siamctc_fp16: bool = True
     siamctc_checkpoints: int = 3  # checkpoint_last, checkpoint_best and one kept interval checkpoint
     siamctc_valid_passes: int = 5
     probe_steps: int = 0  # 0: SUPERB's passes over the training split (probe_epochs)
@@ -134,7 +133,6 @@ class Settings:
     finetune_updates: int = 80000
     finetune_frozen: int = 10000
     finetune_batch_seconds: float = 8 * 3200000 / SAMPLE_RATE  # 8 GPUs of 3.2M samples
-    finetune_fp16: bool = True
     finetune_checkpoints: int = 2
     finetune_valid_passes: int = 15
 
@@ -216,9 +214,10 @@ def cache_bytes(encoder: Encoder, seconds: float) -> float:
     return seconds * FRAMES_PER_SECOND * (encoder.layers + 1) * encoder.dim * 2
 
 
-def checkpoint_bytes(encoder: Encoder, fp16: bool) -> float:
-    """A fairseq training checkpoint: the weights (fp16 or fp32) and Adam's two fp32 moments."""
-    return encoder.params * ((2 if fp16 else 4) + 8)
+def checkpoint_bytes(encoder: Encoder) -> float:
+    """A fairseq training checkpoint: float32 weights (fairseq saves fp16 and bf16 weights as float32)
+    and Adam's two float32 moments."""
+    return encoder.params * (4 + 8)
 
 
 def parallel_wall(times: Sequence[float], workers: int) -> float:
@@ -272,7 +271,7 @@ def plan_rows(splits: Dict[str, Split], encoders: Dict[str, Encoder], settings: 
         seconds = r["start_gpu"] + f * (settings.siamctc_updates * r["siamctc_update"]
                                         + settings.siamctc_valid_passes * 2 * valid.seconds * r["forward"])
         rows.append(Row(f"siamctc {name}", device, seconds,
-                        settings.siamctc_checkpoints * checkpoint_bytes(encoder, settings.siamctc_fp16),
+                        settings.siamctc_checkpoints * checkpoint_bytes(encoder),
                         f"{settings.siamctc_updates:,} updates x {f * r['siamctc_update']:.3g} s", "siamctc"))
     for name, encoder in encoders.items():
         rows.append(Row(f"export {name}", "CPU", r["export"], 4.0 * encoder.params,
@@ -308,7 +307,7 @@ def plan_rows(splits: Dict[str, Split], encoders: Dict[str, Encoder], settings: 
             audio = (settings.finetune_frozen / 3 + settings.finetune_updates - settings.finetune_frozen) * batch
             seconds = r["start_gpu"] + f * (audio * r["train_audio"]
                                             + settings.finetune_valid_passes * valid.seconds * r["forward"])
-            checkpoints = settings.finetune_checkpoints * checkpoint_bytes(encoder, settings.finetune_fp16)
+            checkpoints = settings.finetune_checkpoints * checkpoint_bytes(encoder)
             basis = (f"{settings.finetune_updates:,} updates x {batch:,.0f} s of audio x "
                      f"{1000 * f * r['train_audio']:.2g} ms/s, the first {settings.finetune_frozen:,} encoder frozen")
             # the base checkpoint is converted to fairseq's format first (an export)

@@ -187,7 +187,9 @@ class Paper(Demo):
 
     def training_overrides(self, kind: str) -> List[str]:
         """Overrides that change what is trained (recorded); the GPU count's are not (same total batch)."""
-        return list(TINY[kind]) if self.args.tiny else []
+        overrides = list(TINY[kind]) if self.args.tiny else []
+        # fairseq's bf16: bf16 weights and activations, float32 master weights, no loss scaler
+        return overrides + (["common.fp16=false", "common.bf16=true"] if self.args.bf16 else [])
 
     def gpu_overrides(self, kind: str) -> List[str]:
         gpus = self.args.gpus
@@ -613,7 +615,7 @@ def plan_settings(paper: Paper) -> planning.Settings:
     validate = int(siam["dataset"].get("validate_interval_updates", 0) or 0)
     settings = planning.Settings(
         siamctc_updates=updates, siamctc_batch=int(siam["dataset"]["batch_size"]),
-        siamctc_fp16=bool(siam["common"].get("fp16")), siamctc_checkpoints=2 + bool(keep_interval),
+        siamctc_checkpoints=2 + bool(keep_interval),
         siamctc_valid_passes=max(1, updates // validate) if validate and not paper.args.tiny else 1,
         probe_seeds=len(paper.args.probe_seeds), finetune=paper.args.finetune)
     if paper.args.tiny:
@@ -629,7 +631,6 @@ def plan_settings(paper: Paper) -> planning.Settings:
     settings.finetune_frozen = min(ft_updates, int(ft["model"].get("freeze_finetune_updates", 0)))
     settings.finetune_batch_seconds = (int(ft["dataset"]["max_tokens"]) / planning.SAMPLE_RATE
                                        * world * int(update_freq[0]))
-    settings.finetune_fp16 = bool(ft["common"].get("fp16"))
     settings.finetune_valid_passes = (ft_updates - after) // every + 1 if every and not paper.args.tiny else 1
     return settings
 
@@ -687,6 +688,9 @@ def parse_args(argv=None):
     parser.add_argument("--finetune", action="store_true",
                         help="also fine-tune the four encoders with fairseq's CTC recipe (phn_100h) and decode "
                              "every speed")
+    parser.add_argument("--bf16", action="store_true",
+                        help="train and fine-tune in bf16 instead of the paper configs' fp16 (GPUs with bf16: "
+                             "A100, H100, H200; no loss scaler)")
     parser.add_argument("--tiny", action="store_true",
                         help="the chain on a CPU with tiny settings (the built-in corpus and tiny checkpoints): "
                              "a check in minutes")
