@@ -225,3 +225,103 @@ def test_hidden_states_of_a_siamctc_training_checkpoint_equal_its_export(tmp_pat
     states = HiddenStates(trained)(wav)
     np.testing.assert_allclose(states, HiddenStates(tmp_path / "exported.pt")(wav), atol=1e-6, rtol=1e-6)
     assert np.abs(states[:, -1] - HiddenStates(base)(wav)[:, -1]).max() > 1e-4  # it did train
+
+
+def test_an_interrupted_run_resumes_to_the_same_head_bit_for_bit(tmp_path):
+    """Stopped after update 8, saved at the evaluation of update 6 (mid-epoch: 5 batches an epoch,
+    2 an update), run again: the same record and the same weights and optimizer state as a run
+    never stopped; only the 6 remaining updates run. Settings that differ are refused by name, or
+    started over with ``force``."""
+    rng = np.random.default_rng(4)
+    train, valid = planted_split(rng, 40, 1), planted_split(rng, 8, 1)
+    cfg = ProbeConfig(batch_size=8, accumulate=2, total_steps=12, eval_step=3, seed=2)
+    head, record = train_probe(*train, *valid, NUM_PHONEMES + 1, cfg, checkpoint=tmp_path / "whole.pt")
+
+    def stop_after(limit, seen):
+        def progress(step, loss):
+            seen.append(step)
+            if step == limit:
+                raise KeyboardInterrupt
+        return progress
+
+    with pytest.raises(KeyboardInterrupt):
+        train_probe(*train, *valid, NUM_PHONEMES + 1, cfg, progress=stop_after(8, []), checkpoint=tmp_path / "part.pt")
+    saved = torch.load(tmp_path / "part.pt", weights_only=True)
+    assert saved["step"] == 6 and len(saved["queue"]) == 3  # 12 batches popped: 3 of the third epoch left
+    seen, lines = [], []
+    resumed, again = train_probe(*train, *valid, NUM_PHONEMES + 1, cfg, progress=stop_after(None, seen),
+                                 checkpoint=tmp_path / "part.pt", log=lines.append)
+    assert seen == [6, 7, 8, 9, 10, 11, 12] and lines == [f"seed 2: resumed from {tmp_path / 'part.pt'} at update 6 of 12"]
+    assert again == record
+    for key, value in head.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    whole, part = (torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in ("whole", "part"))
+    assert whole["step"] == part["step"] == 12 and whole["numpy_rng"] == part["numpy_rng"]
+    for a, b in zip(whole["optimizer"]["state"].values(), part["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part.pt", "whole.pt"]  # no temporary left
+    # another learning rate: refused by name, or with force a new run (as one without a saved state)
+    other = ProbeConfig(**{**cfg.__dict__, "lr": 0.02})
+    with pytest.raises(ValueError, match=r"part\.pt was written with other settings \(config\.lr differ\)"):
+        train_probe(*train, *valid, NUM_PHONEMES + 1, other, checkpoint=tmp_path / "part.pt")
+    _, forced = train_probe(*train, *valid, NUM_PHONEMES + 1, other, checkpoint=tmp_path / "part.pt", force=True)
+    assert forced == train_probe(*train, *valid, NUM_PHONEMES + 1, other)[1] != record
+
+
+def test_cli_resumes_an_interrupted_run_and_force_starts_over(tmp_path, monkeypatch, capsys):
+    """Run again with the same arguments, an interrupted probe resumes and writes the probe.json of
+    a run never stopped. A finished one is refused; ``--force`` removes it and its run states once
+    the inputs are checked, so a forced run that is interrupted resumes when forced again."""
+    from fairseq_siamctc import probe
+
+    checkpoint = tmp_path / "h.pt"
+    tiny_hubert_checkpoint(checkpoint)
+    rng = np.random.default_rng(5)
+    for split, count in (("train", 6), ("valid", 2), ("test", 2)):
+        write_split(tmp_path, split, count, rng)
+    (tmp_path / "dict.phn.txt").write_text("AA 1\nB 1\n")
+    common = ["--checkpoint", str(checkpoint), "--data", str(tmp_path), "--steps", "6", "--eval-step", "2",
+              "--batch-size", "2", "--accumulate", "1", "--cache", str(tmp_path / "cache"), "--device", "cpu"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert probe_cli.main(common + ["--out", str(whole)]) == 0
+    expected = json.loads((whole / "probe.json").read_text())
+
+    def interrupted(*extra):
+        """The run stops at its second evaluation (update 4), its state of update 2 saved."""
+        calls, evaluate = [], probe.evaluate
+
+        def stop(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return evaluate(*args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(probe, "evaluate", stop)
+            with pytest.raises(KeyboardInterrupt):
+                probe_cli.main(common + ["--out", str(part), *extra])
+        assert not (part / "probe.json").exists()
+        assert torch.load(part / "probe_seed1.pt", weights_only=True)["step"] == 2
+        capsys.readouterr()
+
+    def finished(*extra, resumed: bool):
+        assert probe_cli.main(common + ["--out", str(part), *extra]) == 0
+        assert ("resumed from" in capsys.readouterr().out) == resumed
+        assert json.loads((part / "probe.json").read_text()) == expected
+
+    interrupted()
+    finished(resumed=True)
+    assert probe_cli.main(common + ["--out", str(part)]) == 1  # finished: no overwrite without --force
+    assert "probe.json exists (--force starts over)" in capsys.readouterr().err
+    interrupted("--force")  # its state of update 2 replaced the finished one's of update 6
+    finished("--force", resumed=True)
+    finished("--force", resumed=False)
+    # an unfinished run of other settings: refused by name, started over with --force
+    (part / "probe.json").unlink()
+    assert probe_cli.main(common + ["--out", str(part), "--lr", "0.02"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "probe_seed1.pt was written with other settings (config.lr differ)" in err[0]
+    assert probe_cli.main(common + ["--out", str(part), "--lr", "0.02", "--force"]) == 0
+    assert "resumed from" not in capsys.readouterr().out
+    assert json.loads((part / "probe.json").read_text())["seeds"] != expected["seeds"]
+    assert not [p.name for p in part.iterdir() if p.name.startswith(".")]  # no temporary left
