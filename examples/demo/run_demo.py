@@ -42,7 +42,7 @@ SIZES = {
     "tiny": dict(corpus="builtin_tiny", work="demo_tiny", clusters=20, seed_updates=20,
                  siamctc_updates=6, control_updates=14, finetune_updates=50, warmup=2,
                  max_tokens=100000, batch_size=4),
-    # seed_updates: 1200, not 800: the longer seed probes better on valid (README, "A stronger seed");
+    # seed_updates: 1200, not 800: the longer seed probes better on valid (docs/study.md, "A stronger seed");
     # control_updates: about as many seed updates as fit in the time of SiamCTC's updates on 2 cores
     # (fresh-clone demos: 1,200 seed updates trained in 374 to 405 s, SiamCTC's 150 in 162 to 198 s;
     # 550 take 171 to 186 s, within about 6 % of SiamCTC's time either way)
