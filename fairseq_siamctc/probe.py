@@ -12,7 +12,9 @@ norm clipped to 1, the dev PER measured every ``eval_step`` updates and the best
 the number of updates (100,000 there) is scaled to the data. Decoding is greedy CTC, and the PER
 is summed over a split (edit distances over reference lengths), as SUPERB computes it.
 
-Two modes give the head the same inputs, the hidden states rounded to float16:
+Two modes, one PER: both give the head the hidden states rounded to float16, those of the dev and
+test utterances bit for bit alike (the same batches of extraction), those of training batches to
+a float16 step in a few values (batch padding moves float32 rounding):
 
 * cached: every split's hidden states are extracted once per (checkpoint, split), in batches,
   into an on-disk cache (``FeatureCache``, float16 (frames, L + 1, D)), and the head trains on
@@ -32,8 +34,10 @@ decoding read, so padding never reaches the head's loss. On CUDA the encoder run
 
 Resuming: with an output folder, each seed's run state (head, optimizer, update, best dev PER and
 its head, the batch order's random state) is saved after every evaluation to
-``OUT/probe_seed{seed}.pt`` (a temporary file renamed into place), and a run of the same settings
-resumes from it, giving the same updates, bit for bit, as a run never stopped.
+``OUT/probe_seed{seed}.pt`` (a temporary file renamed into place, read back with weights_only), and
+a run of the same settings (encoder, training and dev data, dictionary, ``ProbeConfig``) resumes from
+it, giving the same updates, bit for bit, as a run never stopped. The mode is not one of those
+settings: a run may resume in the other one (then equal to float16 rounding, not bit for bit).
 
 One process, one device: several GPUs run several probes (one encoder each) side by side; the head's
 updates are sequential, so the probe itself is not data-parallel.
