@@ -140,7 +140,8 @@ def test_feature_cache_extracts_once_and_keys_on_content(tmp_path, monkeypatch):
     write_split(tmp_path, "valid", 3, np.random.default_rng(1))
     utterances = []
     original = HiddenStates.batch
-    monkeypatch.setattr(HiddenStates, "batch", lambda self, wavs, *a: utterances.append(len(wavs)) or original(self, wavs, *a))
+    monkeypatch.setattr(HiddenStates, "batch",
+                        lambda self, wavs, *a: utterances.append(len(wavs)) or original(self, wavs, *a))
     first = FeatureCache(tmp_path / "cache", checkpoint).load(tmp_path / "valid.tsv")
     assert utterances == [3]  # one batch of the three
     again = FeatureCache(tmp_path / "cache", checkpoint).load(tmp_path / "valid.tsv")
@@ -251,7 +252,8 @@ def test_an_interrupted_run_resumes_to_the_same_head_bit_for_bit(tmp_path):
     seen, lines = [], []
     resumed, again = train_probe(*train, *valid, NUM_PHONEMES + 1, cfg, progress=stop_after(None, seen),
                                  checkpoint=tmp_path / "part.pt", log=lines.append)
-    assert seen == [6, 7, 8, 9, 10, 11, 12] and lines == [f"seed 2: resumed from {tmp_path / 'part.pt'} at update 6 of 12"]
+    assert seen == [6, 7, 8, 9, 10, 11, 12]  # the bar set to update 6, then the 6 updates left
+    assert lines == [f"seed 2: resumed from {tmp_path / 'part.pt'} at update 6 of 12"]
     assert again == record
     for key, value in head.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key

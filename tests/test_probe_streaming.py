@@ -5,10 +5,10 @@ Why the modes agree. Both give the head float16 hidden states and both extract v
 utterances in the same length-sorted batches of 16, so those inputs are identical bit for bit. The
 training batches differ: the cache was filled in length-sorted batches, the streaming mode runs the
 encoder on each random training batch, and batch padding changes float32 rounding (~1e-6), which
-moves a value across a float16 rounding boundary now and then: by one float16 step (plus
-float32 rounding near zero), in a small fraction of the values (both asserted). The two heads then differ by far less than the
-distance of any test frame's best class from its second best (asserted), so greedy decoding, and
-with it the PER, cannot differ: the equal PERs are implied, not lucky."""
+moves a value across a float16 rounding boundary now and then: by one float16 step (plus float32
+rounding near zero), in a small fraction of the values (both asserted). The two heads then differ
+by far less than the distance of any test frame's best class from its second best (asserted), so
+greedy decoding, and with it the PER, cannot differ: the equal PERs are implied, not lucky."""
 
 import numpy as np
 import pytest
@@ -97,7 +97,8 @@ def test_streaming_and_cached_modes_give_the_same_per(tiny_corpus, hubert, tmp_p
     pers = [h["valid_per"] for h in cached["history"]]
     assert len(pers) == 4 and len(set(pers)) > 1 and 0 < min(pers) < 100
     assert [h["valid_per"] for h in streamed["history"]] == pers
-    assert streamed["best_step"] == cached["best_step"] == states["cached"]["best_step"] == states["streaming"]["best_step"]
+    assert streamed["best_step"] == cached["best_step"]
+    assert states["cached"]["best_step"] == states["streaming"]["best_step"] == cached["best_step"]
     assert streamed["test"] == cached["test"]  # PER and per-utterance error counts, every speed
     np.testing.assert_allclose(streamed["layer_weights"], cached["layer_weights"], atol=1e-4)
 
