@@ -72,7 +72,7 @@ def markdown(record: dict) -> str:
         lines.append(f"| {NAMES[name]} | {row['per']:.2f} | {_signed(row.get('change'))} | {row['paper_per']:.2f} | "
                      f"{_signed(row.get('paper_change'))} |")
     other = ", ".join(f"{k} {v['per']:.2f}" for k, v in PAPER["table1_other"].items())
-    lines += ["", f"The paper's table 1 also lists ASR WER (SUPERB's ASR task, not run here: "
+    lines += ["", "The paper's table 1 also lists ASR WER (SUPERB's ASR task, not run here: "
               + ", ".join(f"{NAMES[k]} {v['wer']:.2f}" for k, v in PAPER["table1"].items())
               + f") and other methods' PER ({other}).", ""]
     titles = {"probe": "the paper's protocol (SUPERB PR probe, frozen encoder)",

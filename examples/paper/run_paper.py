@@ -33,7 +33,6 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -298,8 +297,7 @@ class Paper(Demo):
                    "--seeds", *self.args.probe_seeds]
         if self.args.tiny:
             command += ["--steps", TINY["probe_steps"], "--eval-step", TINY["probe_eval_step"], "--device", "cpu"]
-        if self.args.cache_budget is not None and probe_has_cache_budget():
-            command += ["--cache-budget", self.args.cache_budget]
+        command += ["--cache-budget", self.args.cache_budget]
         return command + (["--force"] if replace else [])
 
     def finetune_commands(self, variant: str) -> List[list]:
@@ -548,18 +546,6 @@ def resolve_splits(librispeech: pathlib.Path) -> Dict[str, pathlib.Path]:
     raise InputError(f"--librispeech {librispeech}: no folder {missing.name} (expected {', '.join(SPLITS.values())})")
 
 
-_PROBE_HELP = None
-
-
-def probe_has_cache_budget() -> bool:
-    """Whether this siamctc-probe takes --cache-budget (streams the encoder when the cache would not fit)."""
-    global _PROBE_HELP
-    if _PROBE_HELP is None:
-        proc = subprocess.run([str(BIN / "siamctc-probe"), "--help"], capture_output=True, text=True)
-        _PROBE_HELP = proc.stdout
-    return "--cache-budget" in _PROBE_HELP
-
-
 # -- the plan -------------------------------------------------------------------------------------
 
 def corpus_size(paper: Paper, manifests_dir: Optional[pathlib.Path]):
@@ -643,10 +629,9 @@ def make_plan(paper: Paper, manifests_dir: Optional[pathlib.Path] = None):
     settings = plan_settings(paper)
     if args.tiny:
         settings.finetune_batch_seconds = min(settings.finetune_batch_seconds, splits["train"].seconds)
-    streaming = probe_has_cache_budget()
     rows = planning.plan_rows(splits, encoders, settings, planning.RATES["tiny" if args.tiny else "paper"],
                               gpus=1 if args.tiny else args.gpus, cpu_jobs=CPU_JOBS if args.tiny else 0,
-                              cache_budget_gb=args.cache_budget if streaming else None, streaming=streaming,
+                              cache_budget_gb=args.cache_budget,
                               audio_files=files, keep_cache=args.keep_probe_cache)
     statuses = {}
     if manifests_dir is None:
@@ -662,8 +647,6 @@ def make_plan(paper: Paper, manifests_dir: Optional[pathlib.Path] = None):
     where = "the tiny models on this CPU (2 jobs side by side)" if args.tiny else \
         f"the paper's models on {args.gpus} GPU{'s' * (args.gpus > 1)}, rates measured on one NVIDIA H200"
     title = f"Plan: {where}.\nCorpus: {described}; from {source}."
-    if not streaming and not args.tiny:
-        title += "\nThis siamctc-probe has no --cache-budget: every probe writes its whole feature cache."
     return rows, title
 
 
@@ -699,9 +682,9 @@ def parse_args(argv=None):
                         help="plan from the durations in DIR/{train,valid,test_clean}.tsv instead of the corpus "
                              "(implies --plan-only; --librispeech is then not needed)")
     parser.add_argument("--yes", action="store_true", help="start without asking after the plan")
-    parser.add_argument("--cache-budget", type=float, metavar="GB",
+    parser.add_argument("--cache-budget", type=float, metavar="GB", default=50.0,
                         help="passed to siamctc-probe: above it the probe streams the encoder instead of caching "
-                             "features (default: 50; ignored by a siamctc-probe without the option)")
+                             "features (default: 50)")
     parser.add_argument("--keep-probe-cache", action="store_true",
                         help="keep each encoder's probe features (hundreds of GB on LibriSpeech) after its probe")
     parser.add_argument("--probe-seeds", type=int, nargs="+", default=[1],
@@ -722,8 +705,6 @@ def parse_args(argv=None):
                      "(1, 2, 4 or 8)")
     if args.tiny and args.gpus != 1:
         parser.error("--tiny runs on the CPU; --gpus does not apply")
-    if args.cache_budget is None:
-        args.cache_budget = 50.0
     suffix = "_tiny" if args.tiny else ""
     args.out = (args.out or REPO / "results" / f"paper{suffix}").resolve()
     args.work = (args.work or REPO / "data" / f"paper{suffix}").resolve()
