@@ -521,7 +521,7 @@ def decode_split(head: ProbeHead, features, device, batch_size: int = EXTRACT_BA
         if i + 1 < len(chunks):
             features.prefetch(chunks[i + 1])
         hidden, lengths = features.batch(chunk, device)
-        log_probs = head(hidden)
+        log_probs = head(hidden).cpu()  # one transfer a batch, not a host sync per utterance
         for u, lp, n in zip(chunk, log_probs, lengths.tolist()):
             hypotheses[u] = greedy_decode(lp, n)
     return hypotheses
