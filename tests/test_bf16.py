@@ -10,6 +10,7 @@ import torch
 
 from conftest import CPU_OVERRIDES, PLUGIN_DIR, run_fairseq
 from fairseq_siamctc.cli.export import export
+from test_configs import finetuning_run
 
 EXAMPLES = PLUGIN_DIR.parent / "examples"
 BF16 = ["common.fp16=false", "common.bf16=true"]
@@ -61,12 +62,7 @@ def test_bf16_loss_is_the_fp32_loss_to_bf16_rounding(base_checkpoints, audio_cor
 
 @pytest.mark.parametrize("model, base", [("hubert_ctc", "hubert.pt"), ("wavlm_ctc", "wavlm.pt")])
 def test_finetuning_config_trains_two_bf16_updates(model, base, base_checkpoints, audio_corpus, tmp_path):
-    proc = run_fairseq("fairseq-hydra-train", [
-        "--config-dir", EXAMPLES / "finetune", "--config-name", "ltr_100h",
-        f"task.data={audio_corpus}", f"model.w2v_path={base_checkpoints / base}", f"model._name={model}",
-        f"hydra.run.dir={tmp_path}", "model.freeze_finetune_updates=0", "model.mask_channel_prob=0",
-        "model.mask_length=2", "dataset.validate_after_updates=0", *CPU_OVERRIDES, *TWO_UPDATES, *BF16,
-    ], cwd=tmp_path)
+    proc = finetuning_run(model, base_checkpoints / base, audio_corpus, tmp_path, *BF16)
     log = proc.stdout + proc.stderr
     assert '"num_updates": "2"' in log
     losses = logged_losses(log)

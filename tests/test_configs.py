@@ -22,14 +22,20 @@ def test_paper_siamctc_config_trains_and_logs_to_tensorboard(config, base, base_
     assert list((tmp_path / "tb" / "train").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("model, base", [("hubert_ctc", "hubert.pt"), ("wavlm_ctc", "wavlm.pt")])
-def test_finetuning_config_trains(model, base, base_checkpoints, audio_corpus, tmp_path):
-    proc = run_fairseq("fairseq-hydra-train", [
+def finetuning_run(model, encoder, corpus, run_dir, *overrides):
+    """The fine-tuning config ``ltr_100h`` with ``model`` on ``encoder``, shrunk to two CPU updates."""
+    return run_fairseq("fairseq-hydra-train", [
         "--config-dir", EXAMPLES / "finetune", "--config-name", "ltr_100h",
-        f"task.data={audio_corpus}", f"model.w2v_path={base_checkpoints / base}", f"model._name={model}",
-        f"hydra.run.dir={tmp_path}", "model.freeze_finetune_updates=0", "model.mask_channel_prob=0",
+        f"task.data={corpus}", f"model.w2v_path={encoder}", f"model._name={model}",
+        f"hydra.run.dir={run_dir}", "model.freeze_finetune_updates=0", "model.mask_channel_prob=0",
         "model.mask_length=2", "dataset.validate_after_updates=0", *ONE_CPU_UPDATE,
         "optimization.max_update=2",  # tri_stage needs at least one update in one of its stages
-    ], cwd=tmp_path)
+        *overrides,
+    ], cwd=run_dir)
+
+
+@pytest.mark.parametrize("model, base", [("hubert_ctc", "hubert.pt"), ("wavlm_ctc", "wavlm.pt")])
+def test_finetuning_config_trains(model, base, base_checkpoints, audio_corpus, tmp_path):
+    proc = finetuning_run(model, base_checkpoints / base, audio_corpus, tmp_path)
     assert '"num_updates": "2"' in proc.stdout + proc.stderr
     assert (tmp_path / "checkpoints" / "checkpoint_last.pt").exists()
