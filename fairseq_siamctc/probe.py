@@ -543,14 +543,9 @@ def _cpu_state(module_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]
 
 def save_atomically(obj, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, renamed into place when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from fairseq_siamctc.models.formats import write_file_atomically
+
+    write_file_atomically(path, lambda tmp: torch.save(obj, tmp), force=True)
 
 
 def _flat(settings: Dict, prefix: str = "") -> Dict:

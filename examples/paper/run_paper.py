@@ -95,11 +95,9 @@ class Hashes:
         stat = path.stat()
         key, stamp = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
         if self.known.get(key, [None])[:2] != stamp:
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while block := f.read(1 << 22):
-                    digest.update(block)
-            self.known[key] = stamp + [digest.hexdigest()]
+            from fairseq_siamctc.probe import file_hash
+
+            self.known[key] = stamp + [file_hash(path)]
             self.dirty = True
         return self.known[key][2]
 
