@@ -32,6 +32,31 @@ def test_replicated_differences_match_a_naive_loop():
     np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=1e-12)
 
 
+def test_paired_seeds_draw_whole_chains():
+    """paired_seeds: one seed draw for both groups (rows are chains), equal to the naive loop given the
+    same draw twice; groups of different sizes cannot be paired."""
+    rng = np.random.default_rng(4)
+    lengths = rng.integers(5, 30, 40)
+    errors_a, errors_b = rng.integers(0, 20, (2, 2, 40))
+    draws = bootstrap_draws(np.random.default_rng(5), 60, 40, 2, 2, paired_seeds=True)
+    assert draws[1] is draws[2]
+    fast = replicated_differences(errors_a, errors_b, lengths, draws)
+    slow = [naive_difference(errors_a, errors_b, lengths, u, s, s) for u, s, _ in zip(*draws)]
+    np.testing.assert_allclose(fast, slow, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="2 and 1"):
+        bootstrap_draws(rng, 10, 40, 2, 1, paired_seeds=True)
+    # a chain's shift common to both groups cancels when chains are drawn together: a constant
+    # 5-point gap in every utterance and chain gives an interval of width 0, which independent
+    # draws of two far-apart chains (a seed-encoder effect) would widen
+    chain_shift = np.array([[0], [8]])
+    base = rng.integers(0, 10, (1, 40)) + chain_shift
+    lengths = np.full(40, 20)
+    paired = paired_difference(base + 1, base, lengths, replicates=2000, paired_seeds=True)
+    assert paired == {"diff": pytest.approx(5.0), "low": pytest.approx(5.0), "high": pytest.approx(5.0)}
+    independent = paired_difference(base + 1, base, lengths, replicates=2000)
+    assert independent["low"] < 0 < 10 < independent["high"]
+
+
 def test_group_error_rate_and_interval():
     lengths = np.array([10, 20, 30])
     errors = np.array([[1, 2, 3], [3, 2, 1]])
@@ -63,14 +88,15 @@ def load_example(relative_path):
 
 
 def test_study_tables_from_per_utterance_errors(tmp_path):
-    """summarise() on planted per-utterance errors: group PERs recomputed by hand, differences with
-    intervals for every SiamCTC variant, the 'mean' column equal to the mean of the five speeds."""
+    """summarise() on planted per-utterance errors of 3 chains: group PERs recomputed by hand,
+    differences with intervals for every SiamCTC variant, the 'mean' column equal to the mean of the
+    five speeds."""
     runner = load_example("examples/study/run_study.py")
     rng = np.random.default_rng(3)
     lengths = rng.integers(10, 30, 50)
     rates = {"seed": 0.4, "siamctc_all": 0.3, "siamctc_ctc": 0.35, "control": 0.38}
-    encoders = {"seed": ("seed", 0, None)}
-    for group in ("siamctc_all", "siamctc_ctc", "control"):
+    encoders = {}
+    for group in ("seed", "siamctc_all", "siamctc_ctc", "control"):
         encoders.update({f"{group}_s{s}": (group, s, None) for s in (1, 2, 3)})
     errors = {(name, speed): rng.binomial(lengths, rates[group] + (0.05 if speed != "1.0" else 0.0)).astype(float)
               for name, (group, _, _) in encoders.items() for speed in runner.SPEEDS}

@@ -168,12 +168,15 @@ class Demo:
                            self.work / "units", "--clusters", self.settings["clusters"]])
 
     def seed(self):
-        updates = self.settings["seed_updates"]
-        self.hydra_train("seed", "examples/demo", "seed_hubert", self.work / "seed", [
-            f"task.data={self.manifests}", f"task.label_dir={self.work / 'units'}",
-            f"optimization.max_update={updates}", f"dataset.max_tokens={self.settings['max_tokens']}",
-            f"lr_scheduler.warmup_updates={self.settings['warmup']}",
-        ])
+        self.hydra_train("seed", "examples/demo", "seed_hubert", self.work / "seed", self.seed_overrides())
+
+    def seed_overrides(self):
+        """HuBERT pretraining of the seed encoder on the units (``seed_hubert.yaml``'s seed unless
+        another ``common.seed=`` follows)."""
+        return [f"task.data={self.manifests}", f"task.label_dir={self.work / 'units'}",
+                f"optimization.max_update={self.settings['seed_updates']}",
+                f"dataset.max_tokens={self.settings['max_tokens']}",
+                f"lr_scheduler.warmup_updates={self.settings['warmup']}"]
 
     def siamctc(self):
         self.hydra_train("siamctc", "examples/siamctc", "tiny", self.work / "siamctc", [
@@ -188,11 +191,13 @@ class Demo:
         self.hydra_train("control", "examples/demo", "seed_hubert", self.work / "control",
                          self.control_overrides(self.settings["control_updates"]))
 
-    def control_overrides(self, updates):
-        """The time-matched control: the seed after ``updates`` more pretraining updates on its own
-        targets, with SiamCTC's learning rate and schedule."""
+    def control_overrides(self, updates, seed_checkpoint=None):
+        """The time-matched control: the seed (``seed_checkpoint``, default the demo's) after
+        ``updates`` more pretraining updates on its own targets, with SiamCTC's learning rate and
+        schedule."""
         return [f"task.data={self.manifests}", f"task.label_dir={self.work / 'units'}",
-                f"checkpoint.finetune_from_model={self.seed_checkpoint}", f"optimization.max_update={updates}",
+                f"checkpoint.finetune_from_model={seed_checkpoint or self.seed_checkpoint}",
+                f"optimization.max_update={updates}",
                 "optimization.lr=[0.0001]", f"lr_scheduler.warmup_updates={max(1, updates // 5)}",
                 f"dataset.max_tokens={self.settings['max_tokens']}"]
 

@@ -5,22 +5,25 @@
 
 Stages (each cached under ``--data-root`` and skipped when its output exists; ``--force`` reruns):
 
-1. corpus, units, seed   ``examples/demo/run_demo.py``'s stages (shared with ``make demo``);
-2. siamctc               SiamCTC continued training of the seed from each ``--seeds`` training seed,
-                         for each variant (``all`` terms; with ``--ablation`` also CTC only, CTC + KLD,
+1. corpus, units         ``examples/demo/run_demo.py``'s stages (shared with ``make demo``);
+2. seed                  one training chain per ``--seeds`` seed s: the seed encoder, the demo's HuBERT
+                         pretraining with seed s (every model of chain s starts from it and trains
+                         with seed s, so the intervals cover the seed encoder's variance too);
+3. siamctc               SiamCTC continued training of each chain's seed encoder, for each variant
+                         (``all`` terms; with ``--ablation`` also CTC only, CTC + KLD,
                          CTC + TINCE: the paper's table 2; ``--temperatures`` adds ``all`` at other
                          alignment temperatures, ``--dot-temperatures`` with dot-product
                          attention scores), each exported to a HuBERT checkpoint;
-3. control               the seed after as many more HuBERT pretraining updates as SiamCTC's run
-                         takes in time, from the same training seeds;
-4. probe                 ``siamctc-probe`` (SUPERB's PR protocol, frozen encoder) on every encoder,
+4. control               each chain's seed encoder after as many more HuBERT pretraining updates as
+                         SiamCTC's run takes in time;
+5. probe                 ``siamctc-probe`` (SUPERB's PR protocol, frozen encoder) on every encoder,
                          ``--probe-seeds`` heads each, on ``test`` and ``test_real`` and their speed copies;
-5. finetune              the demo's fine-tuning and greedy decoding of every encoder (``--no-finetune``
+6. finetune              the demo's fine-tuning and greedy decoding of every encoder (``--no-finetune``
                          skips it);
-6. report                per evaluation, test set and speed: the PER of each kind of encoder (mean
-                         over training and probe seeds) and the paired differences SiamCTC - seed and
+7. report                per evaluation, test set and speed: the PER of each kind of encoder (mean
+                         over chains and probe seeds) and the paired differences SiamCTC - seed and
                          SiamCTC - control with 95 % bootstrap intervals over test utterances and
-                         training seeds (``fairseq_siamctc.bootstrap``).
+                         whole chains (``fairseq_siamctc.bootstrap``, ``paired_seeds``).
 
 Writes ``study.json``, ``study.md`` and ``study.png`` (PER against speed, 95 % intervals) to ``--out``
 (default ``results/study``), with every stage's log in ``--out/logs``.
@@ -76,9 +79,12 @@ class Study:
         self.seconds = {}
 
     # -- encoders ----------------------------------------------------------------------------
+    def seed_checkpoint(self, seed) -> pathlib.Path:
+        return self.work / f"seed_s{seed}" / "checkpoints" / "checkpoint_last.pt"
+
     def encoders(self) -> dict:
-        """{name: (group, training seed, checkpoint)}; the seed encoder is its own group."""
-        found = {"seed": ("seed", 0, self.demo.seed_checkpoint)}
+        """{name: (group, chain seed, checkpoint)}, each group's models in the order of ``--seeds``."""
+        found = {f"seed_s{seed}": ("seed", seed, self.seed_checkpoint(seed)) for seed in self.args.seeds}
         for variant in self.variants:
             for seed in self.args.seeds:
                 found[f"siamctc_{variant}_s{seed}"] = (f"siamctc_{variant}", seed, self.work / f"siamctc_{variant}_s{seed}.pt")
@@ -95,6 +101,13 @@ class Study:
                 self.demo.wait(proc)
             print(f"   done: {', '.join(name for name, _ in jobs[i: i + 2])}", flush=True)
 
+    def train_seeds(self):
+        jobs = [(f"seed_s{seed}", lambda seed=seed: self.demo.hydra_train(
+                    f"seed_s{seed}", "examples/demo", "seed_hubert", self.work / f"seed_s{seed}",
+                    [*self.demo.seed_overrides(), f"common.seed={seed}"], threads=1, background=True))
+                for seed in self.args.seeds if not self.seed_checkpoint(seed).exists() or self.args.force]
+        self.in_pairs(jobs)
+
     def train_siamctc(self):
         jobs = []
         for variant, overrides in self.variants.items():
@@ -104,7 +117,7 @@ class Study:
                     continue
                 jobs.append((name, lambda name=name, seed=seed, overrides=overrides: self.demo.hydra_train(
                     name, "examples/siamctc", "tiny", self.work / name, [
-                        f"task.data={self.demo.manifests}", f"model.encoder_path={self.demo.seed_checkpoint}",
+                        f"task.data={self.demo.manifests}", f"model.encoder_path={self.seed_checkpoint(seed)}",
                         f"optimization.max_update={self.settings['siamctc_updates']}",
                         f"dataset.batch_size={self.settings['batch_size']}",
                         f"lr_scheduler.warmup_updates={max(1, self.settings['siamctc_updates'] // 5)}",
@@ -124,7 +137,7 @@ class Study:
                 continue
             jobs.append((name, lambda name=name, seed=seed: self.demo.hydra_train(
                 name, "examples/demo", "seed_hubert", self.work / name,
-                [*self.demo.control_overrides(updates), f"common.seed={seed}"], threads=1, background=True)))
+                [*self.demo.control_overrides(updates, self.seed_checkpoint(seed)), f"common.seed={seed}"], threads=1, background=True)))
         self.in_pairs(jobs)
 
     # -- evaluations ---------------------------------------------------------------------------
@@ -258,15 +271,17 @@ def compare(errors, lengths, group_error_rate, paired_difference):
             continue
         for other in ("seed", "control"):
             if other in errors:
-                row["diff"][f"{group} - {other}"] = paired_difference(errors[group], errors[other], lengths)
+                # row s of every group is chain s: drawn together
+                row["diff"][f"{group} - {other}"] = paired_difference(errors[group], errors[other], lengths,
+                                                                      paired_seeds=True)
     return row
 
 
 def study_markdown(results) -> str:
     s = results["settings"]
-    lines = [f"SiamCTC study ({s['size']} built-in corpus): PER (%), mean over {len(s['seeds'])} training seeds "
-             f"(seed encoder: one model) and {len(s['probe_seeds'])} probe seeds; [95 % bootstrap interval over "
-             "test utterances and training seeds]", ""]
+    lines = [f"SiamCTC study ({s['size']} built-in corpus): PER (%), mean over {len(s['seeds'])} training chains "
+             f"(seeds {' '.join(map(str, s['seeds']))}: each a seed encoder and the models trained from it) and "
+             f"{len(s['probe_seeds'])} probe seeds; [95 % bootstrap interval over test utterances and chains]", ""]
     columns = list(SPEEDS) + ["mean"]
     for method, tests in results["evaluations"].items():
         for test_set, table in tests.items():
@@ -322,7 +337,10 @@ def main(argv=None):
     parser.add_argument("--out", type=pathlib.Path, help="results folder (default results/study[_tiny])")
     parser.add_argument("--data-root", type=pathlib.Path, default=REPO / "data",
                         help="where the corpus, the models and the feature cache go (default: data/)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="training seeds of SiamCTC and the control")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2],
+                        help="training chains, one per seed s: the seed encoder pretrained with seed s, and "
+                             "SiamCTC and the control trained from it with seed s (default 1 2; a second "
+                             "independent run takes others, e.g. 3 4)")
     parser.add_argument("--probe-seeds", type=int, nargs="+", default=[1, 2, 3], help="probe head seeds per encoder")
     parser.add_argument("--probe-epochs", type=float, default=30.0,
                         help="passes of the probe over the training split (SUPERB: 112; default 30 to fit 2 hours)")
@@ -352,12 +370,15 @@ def main(argv=None):
     started = time.time()
     study = Study(args)
     check_recipe(study.work / "recipe.json",
-                 recipe_record(study.settings, {"siamctc_override": args.siamctc_override}), args.force)
+                 # "chains": SiamCTC and the control start from their chain's own seed encoder, not the
+                 # demo's one seed as before, so a data root of the old design is refused
+                 recipe_record(study.settings, {"siamctc_override": args.siamctc_override, "design": "chains"}),
+                 args.force)
     demo = study.demo
     demo.stage("corpus", demo.corpus / "corpus.json", demo.build_corpus)
     demo.stage("units", demo.work / "units" / "dict.km.txt", demo.units)
-    demo.stage("seed", demo.seed_checkpoint, demo.seed)
     study.seconds.update(demo.seconds)
+    study.stage("seed", study.train_seeds)
     study.stage("siamctc", study.train_siamctc)
     if not args.no_control:
         study.stage("control", study.train_control)
