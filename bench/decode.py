@@ -48,8 +48,8 @@ from fairseq_siamctc.cli.decode import (MAX_TOKENS, CtcRecognizer, check_device,
                                         default_post_process, error_rate, metric_name)
 from fairseq_siamctc.data.audio import read_audio
 from fairseq_siamctc.data.paired_audio_dataset import read_manifest
-from fairseq_siamctc.decoding import (AUTOCAST_DTYPES, AUTOCAST_TIE_RTOL, MAX_PADDING, autocast_dtype,
-                                      flips_beyond_ties, greedy_ctc, length_sorted_batches, near_tie_frames)
+from fairseq_siamctc.decoding import (AUTOCAST_DTYPES, MAX_PADDING, autocast_dtype, flips_beyond_ties, greedy_ctc,
+                                      length_sorted_batches, near_tie_frames, tie_rtol)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZES = {
@@ -151,8 +151,9 @@ def main(argv=None):
                         help="a frame is a near tie where its best two logits are within this (plus --tie-rtol's "
                              "share; default: 1e-3)")
     parser.add_argument("--tie-rtol", type=float, default=None,
-                        help="... plus this times the frame's largest |logit| (default: 0 in float32, 16 units of "
-                             "the autocast dtype's rounding under autocast: 2^-7 for fp16, 2^-4 for bf16)")
+                        help="... plus this times the frame's largest |logit| (default: 16 units of the rounding "
+                             "the encoder runs in: 2^-7 for fp16 and for float32 on CUDA with TF32 allowed, 2^-4 "
+                             "for bf16, 0 for float32 on a CPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
@@ -182,7 +183,7 @@ def main(argv=None):
     except (OSError, ValueError) as err:
         sys.exit(f"bench/decode.py: error: {err}")
     atol = args.tie_atol
-    rtol = AUTOCAST_TIE_RTOL[recognizer.autocast] if args.tie_rtol is None else args.tie_rtol
+    rtol = tie_rtol(recognizer.autocast, recognizer.device) if args.tie_rtol is None else args.tie_rtol
     parameters = sum(p.numel() for p in recognizer.model.parameters())
     audio_seconds = sum(map(len, wavs)) / 16000
     batch_size = args.batch_size or default_batch_size(recognizer.device)

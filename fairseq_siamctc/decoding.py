@@ -49,6 +49,19 @@ AUTOCAST_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 AUTOCAST_TIE_RTOL = {None: 0.0, torch.float16: 16 * 2.0 ** -11, torch.bfloat16: 16 * 2.0 ** -8}
 
 
+def tie_rtol(autocast: Optional[torch.dtype], device) -> float:
+    """AUTOCAST_TIE_RTOL's margin for the precision the encoder actually runs in on ``device``.
+
+    Without autocast a CUDA device may still round: cuDNN's convolutions use TF32 (10 mantissa
+    bits, float16's rounding) unless ``torch.backends.cudnn.allow_tf32`` is off, as do matrix
+    products below ``torch.set_float32_matmul_precision("highest")``; the batched and one-at-a-time
+    ways pick different kernels, so float32 logits differ at that level there, not only at 1e-3."""
+    if autocast is None and torch.device(device).type == "cuda" and (
+            torch.backends.cudnn.allow_tf32 or torch.get_float32_matmul_precision() != "highest"):
+        return AUTOCAST_TIE_RTOL[torch.float16]
+    return AUTOCAST_TIE_RTOL[autocast]
+
+
 def autocast_dtype(name: str, device) -> Optional[torch.dtype]:
     """The dtype that ``--autocast name`` runs the encoder in on ``device`` (None for ``none``).
 

@@ -17,7 +17,7 @@ from fairseq_siamctc.cli import decode as decode_cli
 from fairseq_siamctc.cli.decode import CtcRecognizer, decode_split
 from fairseq_siamctc.decoding import (AUTOCAST_TIE_RTOL, autocast_dtype, cnn_then_batched_encoder, flips_beyond_ties,
                                       greedy_ctc, length_sorted_batches, mask_padded_frames, near_tie_frames,
-                                      padding_independent, padding_independent_logits)
+                                      padding_independent, padding_independent_logits, tie_rtol)
 from fairseq_siamctc.models.encoders import hubert_features
 from fairseq_siamctc.models.wavlm_ctc import WavLMCtc, WavLMCtcConfig
 from tiny_checkpoints import TINY_CONV, tiny_hubert_checkpoint, tiny_wavlm_checkpoint
@@ -283,3 +283,18 @@ def test_decode_split_sorts_by_length_and_writes_in_manifest_order(tmp_path):
     expected = [recognizer.to_text(recognizer.decode(w), "letter") for w in wavs]  # each alone, manifest order
     assert (tmp_path / "out" / "test.hyp").read_text().splitlines() == expected
     assert len(set(expected)) > 1  # the order is visible in the output
+
+
+def test_float32_on_cuda_allows_tf32_rounding(monkeypatch):
+    """float32 without autocast: exact on a CPU, float16's margin on CUDA while cuDNN or matrix
+    products may use TF32 (on an H200, 3 of 200 utterances changed a label at a frame whose top two
+    logits were more than 1e-3 apart, batched against one at a time), none once both are off."""
+    assert tie_rtol(None, "cpu") == 0.0
+    assert tie_rtol(torch.bfloat16, "cuda") == AUTOCAST_TIE_RTOL[torch.bfloat16]
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert tie_rtol(None, "cuda:0") == AUTOCAST_TIE_RTOL[torch.float16] == 16 * 2.0 ** -11
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert torch.get_float32_matmul_precision() == "highest"  # torch's default: no TF32 products
+    assert tie_rtol(None, torch.device("cuda")) == 0.0
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert tie_rtol(None, "cuda") == AUTOCAST_TIE_RTOL[torch.float16]
