@@ -1,6 +1,6 @@
 """Error rates of groups of models and paired bootstrap intervals of their differences.
 
-A group is one kind of encoder trained from S seeds (the seed encoder: S = 1), each scored on the
+A group is one kind of encoder trained from S seeds (S = 1: one model), each scored on the
 same U test utterances: ``errors`` (S, U) edit distances (already averaged over probe seeds) and
 ``lengths`` (U,) reference lengths. The group's error rate is 100 * sum_u mean_s errors / sum_u
 lengths: SUPERB's corpus-level PER, averaged over training seeds utterance by utterance.
