@@ -14,7 +14,9 @@ is summed over a split (edit distances over reference lengths), as SUPERB comput
 
 Two modes, one PER: both give the head the hidden states rounded to float16, those of the dev and
 test utterances bit for bit alike (the same batches of extraction), those of training batches to
-a float16 step in a few values (batch padding moves float32 rounding):
+a float16 step in a few values (batch padding moves float32 rounding). Under CUDA's bf16 autocast
+padding moves bf16 rounding instead, and the modes' PERs are close rather than equal (on an H200,
+HuBERT Base with random weights, 60 updates: test PER 94.68 streaming, 95.14 cached):
 
 * cached: every split's hidden states are extracted once per (checkpoint, split), in batches,
   into an on-disk cache (``FeatureCache``, float16 (frames, L + 1, D)), and the head trains on
