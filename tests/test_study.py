@@ -108,6 +108,10 @@ def test_study_tables_from_per_utterance_errors(tmp_path):
                                              "siamctc_ctc - seed", "siamctc_ctc - control"}
         d = table[speed]["diff"]["siamctc_all - seed"]
         assert d["low"] < d["diff"] < d["high"] < 0  # 10 points better, 50 utterances: clearly below 0
+        # chain s's SiamCTC against chain s's seed encoder; their mean is the groups' difference
+        by_hand = [100 * (errors[f"siamctc_all_s{s}", speed] - errors[f"seed_s{s}", speed]).sum() / lengths.sum()
+                   for s in (1, 2, 3)]
+        assert d["chains"] == pytest.approx(by_hand) and np.mean(by_hand) == pytest.approx(d["diff"])
     for group in rates:
         mean = np.mean([table[s]["per"][group]["per"] for s in runner.SPEEDS])
         assert table["mean"]["per"][group]["per"] == pytest.approx(mean)
@@ -115,6 +119,8 @@ def test_study_tables_from_per_utterance_errors(tmp_path):
                "evaluations": {"probe": {"test": table}}, "stage_seconds": {"total": 1.0}}
     text = runner.study_markdown(results)
     assert "| siamctc_all - control |" in text and "x the seed's" in text
+    chains = table["mean"]["diff"]["siamctc_all - seed"]["chains"]
+    assert "siamctc_all - seed " + ", ".join(f"{d:+.1f} (s{s})" for d, s in zip(chains, (1, 2, 3))) in text
     runner.plot_study(results, tmp_path / "study.png")
     assert (tmp_path / "study.png").stat().st_size > 0
 

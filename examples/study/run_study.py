@@ -272,8 +272,10 @@ def compare(errors, lengths, group_error_rate, paired_difference):
         for other in ("seed", "control"):
             if other in errors:
                 # row s of every group is chain s: drawn together
-                row["diff"][f"{group} - {other}"] = paired_difference(errors[group], errors[other], lengths,
-                                                                      paired_seeds=True)
+                diff = paired_difference(errors[group], errors[other], lengths, paired_seeds=True)
+                diff["chains"] = [group_error_rate(a, lengths) - group_error_rate(b, lengths)
+                                  for a, b in zip(errors[group], errors[other])]
+                row["diff"][f"{group} - {other}"] = diff
     return row
 
 
@@ -294,6 +296,10 @@ def study_markdown(results) -> str:
             for diff in table["1.0"]["diff"]:
                 cells = [table[c]["diff"][diff] for c in columns]
                 lines.append(f"| {diff} | " + " | ".join(f"{d['diff']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]" for d in cells) + " |")
+            chains = [f"{diff} " + ", ".join(f"{d:+.1f} (s{seed})" for d, seed in zip(v["chains"], s["seeds"]))
+                      for diff, v in table["mean"]["diff"].items() if "chains" in v]
+            if chains:
+                lines.append("\nPer chain, mean over speeds: " + "; ".join(chains))
             seed_mean = table["mean"]["per"].get("seed", {}).get("per")
             for group, v in table["mean"]["per"].items():
                 if group.startswith("siamctc") and seed_mean:
