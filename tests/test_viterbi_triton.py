@@ -23,7 +23,6 @@ from fairseq_siamctc.viterbi_triton import viterbi_path  # noqa: E402
 from test_losses import brute_force, padded_problem  # noqa: E402
 
 
-
 def interpreter_runs() -> bool:
     """Whether Triton's interpreter runs the kernel here: before Triton 3.8 it takes a loop bound's
     index with int() of a one-element array, which recent NumPy refuses (seen with Triton 3.6, the
@@ -311,7 +310,8 @@ def test_compiled_kernel_equals_the_aligner(dtype):
         assert got[b, : input_lengths[b]].tolist() == reference
 
 
-@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_interpreter), pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_interpreter),
+                                    pytest.param("cuda", marks=needs_cuda)])
 def test_objective_is_the_same_with_either_aligner(monkeypatch, device):
     """siamctc_loss on a padded batch with a swapped utterance: the Triton route (the interpreter on
     a CPU) and torchaudio's route choose the same paths, so every term and gradient agree. Exactly on

@@ -137,7 +137,8 @@ class Study:
                 continue
             jobs.append((name, lambda name=name, seed=seed: self.demo.hydra_train(
                 name, "examples/demo", "seed_hubert", self.work / name,
-                [*self.demo.control_overrides(updates, self.seed_checkpoint(seed)), f"common.seed={seed}"], threads=1, background=True)))
+                [*self.demo.control_overrides(updates, self.seed_checkpoint(seed)), f"common.seed={seed}"],
+                threads=1, background=True)))
         self.in_pairs(jobs)
 
     # -- evaluations ---------------------------------------------------------------------------
