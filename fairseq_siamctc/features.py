@@ -9,7 +9,6 @@ the probe (``fairseq_siamctc.probe``) and the k-means units (``fairseq_siamctc.d
 use this module directly.
 """
 
-import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from fairseq_siamctc.data.audio import read_audio
 from fairseq_siamctc.data.paired_audio_dataset import normalize_waveform, read_manifest
+from fairseq_siamctc.decoding import autocast
 from fairseq_siamctc.models.checkpoints import SIAMCTC, read_checkpoint
 from fairseq_siamctc.models.encoders import (
     encoder_features,
@@ -43,11 +43,10 @@ def default_device() -> str:
 def inference_autocast(device):
     """The mixed precision a frozen encoder runs in on ``device``: bf16 where the GPU supports it,
     else fp16, on CUDA only (a CPU runs float32: its bf16 matmuls are slower than float32's)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    dtype = None
+    if torch.device(device).type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return autocast(device, dtype)
 
 
 class FeatureExtractor:
