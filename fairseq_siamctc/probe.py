@@ -446,18 +446,22 @@ class FeatureCache:
     def exists(self, manifest) -> bool:
         return all(path.is_file() for path in self.paths(manifest))
 
-    def load(self, manifest, progress: Optional[Callable] = None) -> SplitFeatures:
+    def load(self, manifest, progress: Optional[Callable] = None,
+             streamed: Optional[StreamedSplit] = None) -> SplitFeatures:
+        """The split's cached features, extracted first if missing (from ``streamed``, the
+        manifest's StreamedSplit on this cache's encoder, when the caller has one)."""
         npy, meta = self.paths(manifest)
         if not (npy.is_file() and meta.is_file()):
-            self._extract(manifest, npy, meta, progress)
+            self._extract(manifest, npy, meta, progress, streamed)
         index = json.loads(meta.read_text())
         return SplitFeatures(np.load(npy, mmap_mode="r"), np.array(index["offsets"], dtype=np.int64),
                              np.array(index["lengths"], dtype=np.int64))
 
-    def _extract(self, manifest, npy: Path, meta: Path, progress):
-        if self._states is None:
-            self._states = HiddenStates(self.checkpoint, self.device)
-        split = StreamedSplit(self._states, manifest)
+    def _extract(self, manifest, npy: Path, meta: Path, progress, split: Optional[StreamedSplit]):
+        if split is None:
+            if self._states is None:
+                self._states = HiddenStates(self.checkpoint, self.device)
+            split = StreamedSplit(self._states, manifest)
         lengths = split.lengths
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -761,11 +765,11 @@ def probe_checkpoint(checkpoint, data, cache_root, train_split: str = "train", v
             if chosen == "streaming":
                 sources[split] = streamed[split]
             elif cache.exists(manifest) or not show_progress:
-                sources[split] = cache.load(manifest)
+                sources[split] = cache.load(manifest, streamed=streamed[split])
             else:
                 with tqdm(total=len(streamed[split]), desc=f"hidden states {split}", unit="utt", leave=False,
                           disable=None) as bar:
-                    sources[split] = cache.load(manifest, progress=bar.update)
+                    sources[split] = cache.load(manifest, progress=bar.update, streamed=streamed[split])
         record = {"checkpoint": str(checkpoint), "data": str(data), "labels": labels, "train": train_split,
                   "valid": valid_split, "config": {k: v for k, v in cfg.__dict__.items() if k != "seed"},
                   "num_states": int(states.num_states), "mode": chosen, "seeds": {}}
